@@ -1,0 +1,99 @@
+"""``dicom-node parse``: many photos, one model load; a bad file is reported and skipped, never fatal."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from dicom_node.decode.errors import PhotoError
+from dicom_node.decode.photo import load_photo
+from dicom_node.model.checkpoint import ModelLoadError
+from dicom_node.parse.engine import HumanParser
+from dicom_node.parse.report import UNTRAINED_WARNING, write_parse_outputs
+
+log = logging.getLogger(__name__)
+
+
+def load_lesion_mask(path: Path) -> np.ndarray:
+    """Any non-zero pixel of the (grey-converted) mask image counts as lesion."""
+    with Image.open(path) as img:
+        return np.asarray(img.convert("L")) > 0
+
+
+def _unique_stem(path: Path, used: set[str]) -> str:
+    stem, n = path.stem, 2
+    while stem in used:
+        stem, n = f"{path.stem}_{n}", n + 1
+    used.add(stem)
+    return stem
+
+
+def run_parse(args: argparse.Namespace) -> int:
+    photos: list[Path] = args.photos
+    if args.lesion_mask and len(args.lesion_mask) != len(photos):
+        print(f"error: {len(args.lesion_mask)} --lesion-mask for {len(photos)} photos; give one per photo",
+              file=sys.stderr)
+        return 2
+    try:
+        parser = HumanParser.from_model_dir(args.model_dir, threads=args.threads)
+    except ModelLoadError as exc:
+        print(f"error: cannot load the model: {exc}\n"
+              "Get the weights with `dicom-node model fetch`, or for tests `dicom-node model make-test --dir DIR`.",
+              file=sys.stderr)
+        return 1
+    if parser.untrained:
+        print(f"warning: {UNTRAINED_WARNING}", file=sys.stderr)
+
+    failures = 0
+    used: set[str] = set()
+    progress = None
+    if len(photos) > 1 and not args.no_progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=len(photos), unit="photo", file=sys.stderr)
+    for i, path in enumerate(photos):
+        try:
+            failures += not _parse_one(parser, path, args, i, used)
+        finally:
+            if progress is not None:
+                progress.update(1)
+    if progress is not None:
+        progress.close()
+    if failures:
+        print(f"{failures} of {len(photos)} photo(s) failed", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _parse_one(parser: HumanParser, path: Path, args: argparse.Namespace, index: int, used: set[str]) -> bool:
+    try:
+        photo = load_photo(path)
+        lesion = load_lesion_mask(args.lesion_mask[index]) if args.lesion_mask else None
+        result = parser.parse(photo.rgb)
+        stem = _unique_stem(path, used)
+        write_parse_outputs(photo.rgb, result, args.out, stem, str(path), lesion)
+        if args.dicom:
+            _write_dicom(photo, result, args.out, stem, lesion)
+    except PhotoError as exc:
+        print(f"error: {path}: {exc.reason}", file=sys.stderr)
+        return False
+    except (OSError, ValueError) as exc:
+        print(f"error: {path}: {exc}", file=sys.stderr)
+        return False
+    log.info("parsed %s: %d person(s), %d part instance(s), %.2f s", path.name, result.person_count,
+             len(result.parts), result.timings_s.get("total", 0.0))
+    return True
+
+
+def _write_dicom(photo, result, out_dir: Path, stem: str, lesion: np.ndarray | None) -> None:
+    if photo.dataset is None:
+        print(f"note: {photo.source} is not DICOM; --dicom writes DICOM results only for DICOM input",
+              file=sys.stderr)
+        return
+    from dicom_node.encode.results import write_results
+
+    write_results(photo, result, out_dir, stem, lesion_mask=lesion)

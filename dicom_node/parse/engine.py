@@ -1,0 +1,78 @@
+"""The parsing engine: a loaded M2FP turned into a function from an RGB photo to a ParsingResult.
+
+The model is loaded once and reused for every photo; thread count is set here so several
+engines (or jobs) in one process do not oversubscribe the CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dicom_node.model.checkpoint import LoadedModel, load_model_dir
+from dicom_node.model.postprocess import Instance, instances_from_outputs, label_map_from_instances
+from dicom_node.model.preprocess import prepare_image
+from dicom_node.parse.result import ParsingResult, PartInstance, PersonInstance
+
+log = logging.getLogger(__name__)
+
+
+class HumanParser:
+    """Runs M2FP multi-person human parsing on RGB photos."""
+
+    def __init__(self, loaded: LoadedModel, threads: int | None = None) -> None:
+        self.loaded = loaded
+        if threads:
+            torch.set_num_threads(threads)
+        self.human_class = loaded.config.num_parsing
+        self.class_names = tuple(loaded.config.classes)
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path, threads: int | None = None) -> HumanParser:
+        t0 = time.perf_counter()
+        loaded = load_model_dir(model_dir)
+        log.info("model loaded from %s in %.2f s, version %s%s", model_dir, time.perf_counter() - t0,
+                 loaded.digest[:16], " (UNTRAINED)" if loaded.untrained else "")
+        return cls(loaded, threads)
+
+    @property
+    def model_digest(self) -> str:
+        return self.loaded.digest
+
+    @property
+    def untrained(self) -> bool:
+        return self.loaded.untrained
+
+    def parse(self, rgb: np.ndarray) -> ParsingResult:
+        cfg = self.loaded.config
+        t0 = time.perf_counter()
+        prepared = prepare_image(rgb, cfg.min_size, cfg.max_size, cfg.size_divisibility, cfg.pixel_mean,
+                                 cfg.pixel_std)
+        t1 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.loaded.model(prepared.tensor)
+            t2 = time.perf_counter()
+            instances = instances_from_outputs(out["pred_logits"][0], out["pred_masks"][0], prepared.padded_hw,
+                                               prepared.resized_hw, prepared.original_hw, self.human_class)
+        result = self._result(instances, prepared.original_hw)
+        t3 = time.perf_counter()
+        result.timings_s.update(preprocess=t1 - t0, network=t2 - t1, postprocess=t3 - t2, total=t3 - t0)
+        return result
+
+    def _result(self, instances: list[Instance], size_hw: tuple[int, int]) -> ParsingResult:
+        humans = [i for i in instances if i.class_id == self.human_class]
+        part_instances = [i for i in instances if i.class_id != self.human_class]
+        persons = [PersonInstance(index=k, score=i.score, mask=i.mask, query_index=i.query_index)
+                   for k, i in enumerate(humans)]
+        parts = []
+        for inst in part_instances:
+            overlaps = [np.count_nonzero(inst.mask & p.mask) for p in persons]
+            owner = int(np.argmax(overlaps)) if overlaps and max(overlaps) > 0 else None
+            parts.append(PartInstance(inst.class_id, self.class_names[inst.class_id], inst.score, inst.mask, owner,
+                                      inst.query_index))
+        label_map = label_map_from_instances(part_instances, size_hw)
+        return ParsingResult(label_map, persons, parts, self.loaded.digest, self.loaded.untrained, self.class_names)
