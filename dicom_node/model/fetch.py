@@ -48,7 +48,8 @@ def fetch_model(target_dir: str | Path, model_id: str = MODEL_ID, revision: str 
         ) from exc
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (downloaded / name).is_file():
-            raise FetchError(f"the download of {model_id} lacks {name} (got: {sorted(p.name for p in downloaded.iterdir())})")
+            present = sorted(p.name for p in downloaded.iterdir())
+            raise FetchError(f"the download of {model_id} lacks {name} (it holds: {present})")
     target_dir.mkdir(parents=True, exist_ok=True)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         tmp = target_dir / (name + ".tmp")

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Set up dicom_node in ./.venv (pinned dependencies; torch stays on the CPU build).
+#   scripts/setup.sh            runtime only
+#   scripts/setup.sh --test     plus test tools and the Debian packages of the test peers
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+WITH_TEST=0
+[ "${1:-}" = "--test" ] && WITH_TEST=1
+
+DEBIAN_TEST_PACKAGES=(dcmtk dicom3tools orthanc orthanc-dicomweb orthanc-python orthanc-gdcm)
+
+install_debian() {
+    local missing=()
+    for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    echo "setup: installing Debian packages: ${missing[*]}"
+    local sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    $sudo apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+}
+
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+    for c in python3.11 python3; do
+        if command -v "$c" >/dev/null && "$c" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+            PY=$c; break
+        fi
+    done
+fi
+[ -n "$PY" ] || { echo "setup: Python 3.11 is required" >&2; exit 1; }
+
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+    .venv/bin/pip install -q --upgrade pip
+fi
+# torch first and pinned, so nothing later can pull another (CUDA) build.
+.venv/bin/pip install -q "torch==2.13.0"
+if [ $WITH_TEST -eq 1 ]; then
+    install_debian "${DEBIAN_TEST_PACKAGES[@]}"
+    .venv/bin/pip install -q -e ".[test]"
+else
+    .venv/bin/pip install -q -e .
+fi
+.venv/bin/python -c "import torch, dicom_node; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+echo "setup: ready (.venv)"
