@@ -39,8 +39,8 @@ def fixture_run(parity_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 
 def test_bad_file_reported_and_others_processed(fixture_run) -> None:
     out, proc = fixture_run
-    assert proc.returncode == 1
-    assert "broken.jpg" in proc.stderr and "1 of 2 photo(s) failed" in proc.stderr
+    assert proc.returncode == 1, proc.stderr
+    assert "broken.jpg" in proc.stderr and "1 of 2 photo(s) failed" in proc.stderr, proc.stderr
     assert "UNTRAINED" in proc.stderr
     assert (out / "input.json").exists()
     assert not (out / "broken.json").exists()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dicom_node.model.backbone import ResNetBackbone
+from dicom_node.model.backbone import ConvNorm, ResNetBackbone
 from dicom_node.model.config import M2FPConfig
 from dicom_node.model.pixel_decoder import MSDeformAttnPixelDecoder
 from dicom_node.model.transformer_decoder import MaskedAttentionDecoder
@@ -28,9 +28,26 @@ class M2FP(nn.Module):
         self.cfg = cfg
         self.backbone = ResNetBackbone(cfg.backbone)
         self.sem_seg_head = SemSegHead(cfg, self.backbone.out_channels)
+        self.channels_last = False
+
+    def prepare_for_inference(self) -> M2FP:
+        """Eval mode, BatchNorm folded into the backbone convs, NHWC backbone (oneDNN's fast layout).
+
+        Changes the module tree (the folded norms disappear), so call it after loading the
+        checkpoint, never before saving one.
+        """
+        self.eval()
+        for module in self.backbone.modules():
+            if isinstance(module, ConvNorm):
+                module.fuse_norm_()
+        self.backbone.to(memory_format=torch.channels_last)
+        self.channels_last = True
+        return self
 
     def forward(self, images: torch.Tensor, with_aux: bool = False) -> dict[str, torch.Tensor]:
         """images: normalised, padded (N, 3, H, W) with H, W multiples of 32."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         features = self.backbone(images)
         mask_features, multi_scale = self.sem_seg_head.pixel_decoder(features)
         return self.sem_seg_head.predictor(multi_scale, mask_features, with_aux=with_aux)

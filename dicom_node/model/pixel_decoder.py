@@ -42,7 +42,7 @@ class EncoderLayer(nn.Module):
     def forward(self, src: torch.Tensor, pos: torch.Tensor, reference_points: torch.Tensor,
                 spatial_shapes: list[tuple[int, int]], offset_normalizer: torch.Tensor) -> torch.Tensor:
         src = self.norm1(src + self.self_attn(src + pos, reference_points, src, spatial_shapes, offset_normalizer))
-        return self.norm2(src + self.linear2(F.relu(self.linear1(src))))
+        return self.norm2(src + self.linear2(F.relu_(self.linear1(src))))
 
 
 class DeformableEncoder(nn.Module):

@@ -1,9 +1,17 @@
 """From raw network outputs to kept part and person instances, with the official semantics.
 
-The official code upsamples all 100 query masks to the photo's size (300 MB at 1024x768) and
-then throws most away. A candidate's score is class probability x mask score, and the mask
-score is below 1, so a candidate whose class probability is under the 0.1 cut can never be
-kept: we only draw the masks of candidates that can pass, a few at a time.
+The official code upsamples all 100 query masks to the photo's size (300 MB at 1024x768,
+4.8 GB at 4000x3000) and then throws most away. Here:
+
+* a candidate's score is class probability x mask score, and the mask score is below 1, so a
+  candidate whose class probability is under the 0.1 cut can never be kept: only candidates
+  that can pass are drawn at all;
+* the final (bilinear) upsampling to the photo's size is evaluated only inside the bounding
+  box of the query's positive logits: outside it all four source neighbours are <= 0, so the
+  upsampled logit is <= 0 and the pixel contributes nothing to the mask or its score;
+* the label map is painted as we go (a best-score map decides each pixel), so no full-size
+  float mask is ever kept; part masks are recomputed on demand from the 14 MB of stride-4
+  logits (``LazyMask``).
 """
 
 from __future__ import annotations
@@ -16,25 +24,21 @@ import torch.nn.functional as F
 
 SCORE_CUT = 0.1
 TOPK = 100
-MASK_CHUNK_PIXELS = 32_000_000  # float32 elements drawn at once (about 128 MB)
+RESIZED_CHUNK = 16  # queries upsampled to the network input size at once
 
 
 @dataclass(frozen=True)
-class Instance:
+class Candidate:
     query_index: int
     class_id: int
     class_prob: float
-    mask_score: float
-    score: float
-    mask: np.ndarray  # bool (H, W) at the original size
 
 
-def select_candidates(pred_logits: torch.Tensor, human_class: int, topk: int = TOPK
-                      ) -> list[tuple[int, int, float]]:
-    """(query, class, class_prob) of the top-k pairs that could pass the cuts, parts then humans.
+def select_candidates(pred_logits: torch.Tensor, human_class: int, topk: int = TOPK) -> list[Candidate]:
+    """The top-k (query, class) pairs that could pass the cuts, parts then humans.
 
-    softmax over all columns, drop the last (no-object) column, top-k over all (query, class)
-    pairs; Background (class 0) is never returned.
+    softmax over all columns, drop the last (no-object) column, top-k over all pairs;
+    Background (class 0) is never returned.
     """
     probs = F.softmax(pred_logits.float(), dim=-1)[:, :-1]
     n_classes = probs.shape[1]
@@ -44,56 +48,149 @@ def select_candidates(pred_logits: torch.Tensor, human_class: int, topk: int = T
         q, c = divmod(idx, n_classes)
         if c == human_class:
             if p > SCORE_CUT:
-                humans.append((q, c, p))
+                humans.append(Candidate(q, c, p))
         elif c != 0 and p >= SCORE_CUT:
-            parts.append((q, c, p))
+            parts.append(Candidate(q, c, p))
     return parts + humans
 
 
-def upsample_masks(mask_logits: torch.Tensor, padded_hw: tuple[int, int], resized_hw: tuple[int, int],
-                   original_hw: tuple[int, int]) -> torch.Tensor:
-    """Stride-4 logits -> padded input size -> crop -> original size (bilinear, align_corners=False)."""
-    x = F.interpolate(mask_logits[None], size=padded_hw, mode="bilinear", align_corners=False)
-    x = x[:, :, : resized_hw[0], : resized_hw[1]]
-    return F.interpolate(x, size=original_hw, mode="bilinear", align_corners=False)[0]
+def _source_index(out_size: int, in_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PyTorch's bilinear (align_corners=False) source indices and weights along one axis."""
+    scale = in_size / out_size
+    src = ((torch.arange(out_size, dtype=torch.float32) + 0.5) * scale - 0.5).clamp_(min=0)
+    i0 = src.floor().long().clamp_(max=in_size - 1)
+    i1 = (i0 + 1).clamp_(max=in_size - 1)
+    lam = (src - i0.float()).clamp_(0, 1)
+    return i0, i1, lam
 
 
-def instances_from_outputs(pred_logits: torch.Tensor, pred_masks: torch.Tensor, padded_hw: tuple[int, int],
-                           resized_hw: tuple[int, int], original_hw: tuple[int, int], human_class: int
-                           ) -> list[Instance]:
-    """Kept instances, parts first then humans, each in descending class-probability order.
+class MaskUpsampler:
+    """Stride-4 mask logits -> padded input size -> crop -> photo size, the official chain.
 
-    pred_logits (Q, K+1) and pred_masks (Q, h, w) for one image. Parts are kept when
-    score >= 0.1, humans when score > 0.1 (the official cuts).
+    The first step runs for a few queries at a time with F.interpolate; the second is written
+    out (gathers and weights) so it can be evaluated on a window of the photo only.
+    """
+
+    def __init__(self, pred_masks: torch.Tensor, padded_hw: tuple[int, int], resized_hw: tuple[int, int],
+                 original_hw: tuple[int, int]) -> None:
+        self.pred_masks = pred_masks.float()
+        self.padded_hw, self.resized_hw, self.original_hw = padded_hw, resized_hw, original_hw
+        self._y = _source_index(original_hw[0], resized_hw[0])
+        self._x = _source_index(original_hw[1], resized_hw[1])
+
+    def resized(self, queries: list[int]) -> torch.Tensor:
+        """(k, h, w) logits at the network-input (resized photo) size."""
+        x = F.interpolate(self.pred_masks[queries][None], size=self.padded_hw, mode="bilinear", align_corners=False)
+        return x[0, :, : self.resized_hw[0], : self.resized_hw[1]]
+
+    def window(self, resized: torch.Tensor) -> tuple[tuple[slice, slice], torch.Tensor] | None:
+        """Photo-size logits inside the box where they can be positive; None if nowhere."""
+        pos = resized > 0
+        rows = torch.nonzero(pos.any(1)).flatten()
+        if rows.numel() == 0:
+            return None
+        cols = torch.nonzero(pos.any(0)).flatten()
+        (y0, y1, ly), (x0, x1, lx) = self._y, self._x
+        r_lo, r_hi, c_lo, c_hi = int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
+        # photo rows whose upper or lower source row lies in [r_lo, r_hi]
+        ys = torch.nonzero((y1 >= r_lo) & (y0 <= r_hi)).flatten()
+        xs = torch.nonzero((x1 >= c_lo) & (x0 <= c_hi)).flatten()
+        ya, yb = int(ys[0]), int(ys[-1]) + 1
+        xa, xb = int(xs[0]), int(xs[-1]) + 1
+        wy = ly[ya:yb, None]
+        wx = lx[None, xa:xb]
+        top = resized[y0[ya:yb]]
+        bottom = resized[y1[ya:yb]]
+        cx0, cx1 = x0[xa:xb], x1[xa:xb]
+        # same association as PyTorch's kernel: h0lambda*(w0lambda*a + w1lambda*b) + h1lambda*(...)
+        values = (1 - wy) * ((1 - wx) * top[:, cx0] + wx * top[:, cx1]) + wy * (
+            (1 - wx) * bottom[:, cx0] + wx * bottom[:, cx1])
+        return (slice(ya, yb), slice(xa, xb)), values
+
+    def full_mask(self, query: int) -> np.ndarray:
+        mask = np.zeros(self.original_hw, dtype=bool)
+        win = self.window(self.resized([query])[0])
+        if win is not None:
+            mask[win[0]] = (win[1] > 0).numpy()
+        return mask
+
+
+class LazyMask:
+    """A part's photo-size mask, drawn when asked for (a few ms) instead of kept in memory."""
+
+    def __init__(self, upsampler: MaskUpsampler, query: int) -> None:
+        self.upsampler, self.query = upsampler, query
+
+    def __call__(self) -> np.ndarray:
+        return self.upsampler.full_mask(self.query)
+
+
+@dataclass(frozen=True)
+class KeptInstance:
+    query_index: int
+    class_id: int
+    class_prob: float
+    mask_score: float
+    score: float
+    person_overlap_px: tuple[int, ...] = ()  # parts: pixels shared with each kept person (network-input size)
+
+
+@dataclass
+class PostprocessOutput:
+    parts: list[KeptInstance]
+    humans: list[KeptInstance]
+    human_masks: list[np.ndarray]  # bool, photo size, one per human
+    label_map: np.ndarray  # uint8, photo size
+    upsampler: MaskUpsampler
+
+
+def postprocess(pred_logits: torch.Tensor, pred_masks: torch.Tensor, padded_hw: tuple[int, int],
+                resized_hw: tuple[int, int], original_hw: tuple[int, int], human_class: int) -> PostprocessOutput:
+    """Kept parts (score >= 0.1) and humans (score > 0.1), the label map and the human masks.
+
+    pred_logits (Q, K+1) and pred_masks (Q, h, w) for one image. Each label-map pixel takes the
+    class of the highest-scoring kept part whose mask covers it, 0 where none does.
     """
     candidates = select_candidates(pred_logits, human_class)
-    queries = sorted({q for q, _, _ in candidates})
-    h, w = original_hw
-    chunk = max(1, MASK_CHUNK_PIXELS // max(1, h * w))
-    mask_score: dict[int, float] = {}
-    mask_bits: dict[int, np.ndarray] = {}
-    for start in range(0, len(queries), chunk):
-        qs = queries[start:start + chunk]
-        full = upsample_masks(pred_masks[qs].float(), padded_hw, resized_hw, original_hw)
-        positive = full > 0
-        flat_pos = positive.flatten(1)
-        scores = (full.sigmoid().flatten(1) * flat_pos).sum(1) / (flat_pos.sum(1) + 1e-6)
-        for i, q in enumerate(qs):
-            mask_score[q] = float(scores[i])
-            mask_bits[q] = positive[i].numpy()
-        del full, positive
-    kept = []
-    for q, c, p in candidates:
-        score = p * mask_score[q]
-        keep = score > SCORE_CUT if c == human_class else score >= SCORE_CUT
-        if keep:
-            kept.append(Instance(q, c, p, mask_score[q], score, mask_bits[q]))
-    return kept
-
-
-def label_map_from_instances(parts: list[Instance], size_hw: tuple[int, int]) -> np.ndarray:
-    """uint8 (H, W): each pixel takes the class of the highest-scoring part covering it, else 0."""
-    label_map = np.zeros(size_hw, dtype=np.uint8)
-    for inst in sorted(parts, key=lambda i: i.score):  # ascending: the best is painted last
-        label_map[inst.mask] = inst.class_id
-    return label_map
+    up = MaskUpsampler(pred_masks, padded_hw, resized_hw, original_hw)
+    label_map = torch.zeros(original_hw, dtype=torch.uint8)
+    best = torch.zeros(original_hw, dtype=torch.float32)
+    humans: list[KeptInstance] = []
+    human_masks: list[np.ndarray] = []
+    human_resized: list[torch.Tensor] = []
+    parts: list[KeptInstance] = []
+    # Humans first, so that each part's overlap with every person is known when the part is kept.
+    for is_human_pass in (True, False):
+        by_query: dict[int, list[Candidate]] = {}
+        for cand in candidates:
+            if (cand.class_id == human_class) == is_human_pass:
+                by_query.setdefault(cand.query_index, []).append(cand)
+        queries = list(by_query)
+        for start in range(0, len(queries), RESIZED_CHUNK):
+            chunk = queries[start:start + RESIZED_CHUNK]
+            resized = up.resized(chunk)
+            for i, q in enumerate(chunk):
+                win = up.window(resized[i])
+                if win is None:
+                    continue  # no positive pixel: mask score 0, never kept
+                (rows, cols), values = win
+                positive = values > 0
+                mask_score = float((values.sigmoid() * positive).sum() / (positive.sum() + 1e-6))
+                resized_pos = resized[i] > 0
+                for cand in by_query[q]:
+                    score = cand.class_prob * mask_score
+                    if is_human_pass:
+                        if score > SCORE_CUT:
+                            humans.append(KeptInstance(q, cand.class_id, cand.class_prob, mask_score, score))
+                            full = np.zeros(original_hw, dtype=bool)
+                            full[rows, cols] = positive.numpy()
+                            human_masks.append(full)
+                            human_resized.append(resized_pos)
+                    elif score >= SCORE_CUT:
+                        overlap = tuple(int((resized_pos & h).sum()) for h in human_resized)
+                        parts.append(KeptInstance(q, cand.class_id, cand.class_prob, mask_score, score, overlap))
+                        win_best = best[rows, cols]  # views: writing them writes the maps
+                        wins = positive & (win_best < score)
+                        win_best[wins] = score
+                        label_map[rows, cols][wins] = cand.class_id
+    return PostprocessOutput(parts, humans, human_masks, label_map.numpy(), up)

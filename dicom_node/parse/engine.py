@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from dicom_node.model.checkpoint import LoadedModel, load_model_dir
-from dicom_node.model.postprocess import Instance, instances_from_outputs, label_map_from_instances
+from dicom_node.model.postprocess import LazyMask, PostprocessOutput, postprocess
 from dicom_node.model.preprocess import prepare_image
 from dicom_node.parse.result import ParsingResult, PartInstance, PersonInstance
 
@@ -26,6 +26,7 @@ class HumanParser:
 
     def __init__(self, loaded: LoadedModel, threads: int | None = None) -> None:
         self.loaded = loaded
+        loaded.model.prepare_for_inference()
         if threads:
             torch.set_num_threads(threads)
         self.human_class = loaded.config.num_parsing
@@ -56,23 +57,21 @@ class HumanParser:
         with torch.inference_mode():
             out = self.loaded.model(prepared.tensor)
             t2 = time.perf_counter()
-            instances = instances_from_outputs(out["pred_logits"][0], out["pred_masks"][0], prepared.padded_hw,
-                                               prepared.resized_hw, prepared.original_hw, self.human_class)
-        result = self._result(instances, prepared.original_hw)
+            post = postprocess(out["pred_logits"][0], out["pred_masks"][0], prepared.padded_hw,
+                               prepared.resized_hw, prepared.original_hw, self.human_class)
+        result = self._result(post)
         t3 = time.perf_counter()
         result.timings_s.update(preprocess=t1 - t0, network=t2 - t1, postprocess=t3 - t2, total=t3 - t0)
         return result
 
-    def _result(self, instances: list[Instance], size_hw: tuple[int, int]) -> ParsingResult:
-        humans = [i for i in instances if i.class_id == self.human_class]
-        part_instances = [i for i in instances if i.class_id != self.human_class]
-        persons = [PersonInstance(index=k, score=i.score, mask=i.mask, query_index=i.query_index)
-                   for k, i in enumerate(humans)]
+    def _result(self, post: PostprocessOutput) -> ParsingResult:
+        persons = [PersonInstance(index=k, score=h.score, mask=m, query_index=h.query_index)
+                   for k, (h, m) in enumerate(zip(post.humans, post.human_masks, strict=True))]
         parts = []
-        for inst in part_instances:
-            overlaps = [np.count_nonzero(inst.mask & p.mask) for p in persons]
+        for inst in post.parts:
+            overlaps = inst.person_overlap_px
             owner = int(np.argmax(overlaps)) if overlaps and max(overlaps) > 0 else None
-            parts.append(PartInstance(inst.class_id, self.class_names[inst.class_id], inst.score, inst.mask, owner,
-                                      inst.query_index))
-        label_map = label_map_from_instances(part_instances, size_hw)
-        return ParsingResult(label_map, persons, parts, self.loaded.digest, self.loaded.untrained, self.class_names)
+            parts.append(PartInstance(inst.class_id, self.class_names[inst.class_id], inst.score,
+                                      LazyMask(post.upsampler, inst.query_index), owner, inst.query_index))
+        return ParsingResult(post.label_map, persons, parts, self.loaded.digest, self.loaded.untrained,
+                             self.class_names)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,9 +35,16 @@ class PartInstance:
     class_index: int
     label: str
     score: float
-    mask: np.ndarray  # bool (H, W) at the photo's size
+    mask_source: np.ndarray | Callable[[], np.ndarray]  # the mask, or how to draw it
     person_index: int | None
     query_index: int
+
+    @property
+    def mask(self) -> np.ndarray:
+        """bool (H, W) at the photo's size. Drawn on demand for model results: a 12 MP photo
+        with 80 parts would otherwise hold 1 GB of masks that most consumers never read."""
+        source = self.mask_source
+        return source() if callable(source) else source
 
 
 @dataclass

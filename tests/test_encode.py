@@ -1,0 +1,556 @@
+"""SEG, SC and SR built from a parsed photo: valid (dciodvfy), readable back, and true to the parsing."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.sr import _concepts_dict
+from pydicom.uid import JPEGBaseline8Bit
+
+from dicom_node.decode.photo import photo_from_dataset
+from dicom_node.encode import codes as codetable
+from dicom_node.encode.common import EncodeOptions, lossy_compression_history
+from dicom_node.encode.results import EncodedResults, encode_results
+from dicom_node.encode.sc import build_overlay_sc
+from dicom_node.encode.seg import _BinarySegmentation, build_segmentation, plan_segments
+from dicom_node.encode.sr import build_measurement_report
+from dicom_node.encode.validate import dciodvfy_available, validate
+from dicom_node.parse.classes import CLASS_NAMES, HUMAN, class_color
+from dicom_node.parse.render import overlay
+from dicom_node.parse.result import ParsingResult, result_from_label_map
+from dicom_node.parse.statistics import lesion_statistics, region_statistics
+from tests.photo_factory import (
+    make_grey_photo,
+    make_jpeg_photo_with_img2dcm,
+    make_vl_photo,
+    synthetic_rgb,
+    write_dataset,
+)
+
+H, W = 96, 144
+needs_dciodvfy = pytest.mark.skipif(not dciodvfy_available(), reason="dciodvfy (dicom3tools) not installed")
+
+# Warnings dciodvfy gives for every object using our private coding scheme (declared, but not
+# in its registry); anything else is reported by the test that meets it.
+EXPECTED_WARNING = "Unrecognized defined term <99M2FP> for value 1 of attribute <Coding Scheme Designator>"
+
+
+# --------------------------------------------------------------------------------- fixtures
+
+
+def synthetic_parsing(h: int = H, w: int = W, persons: int = 2) -> ParsingResult:
+    """A label map of a standing figure (hat, hair, face, clothes, arms, legs, shoes) and persons."""
+    lm = np.zeros((h, w), dtype=np.uint8)
+    cx = w // 2
+    lm[4:10, cx - 8:cx + 8] = 1  # Hat
+    lm[10:16, cx - 10:cx + 10] = 2  # Hair
+    lm[16:28, cx - 8:cx + 8] = 13  # Face
+    lm[28:32, cx - 6:cx + 6] = 10  # Torso-skin (neck)
+    lm[32:56, cx - 14:cx + 14] = 5  # UpperClothes
+    lm[32:56, cx - 22:cx - 14] = 15  # Right-arm: on the image's left (subject faces the camera)
+    lm[32:56, cx + 14:cx + 22] = 14  # Left-arm
+    lm[56:84, cx - 12:cx] = 17  # Right-leg
+    lm[56:84, cx:cx + 12] = 16  # Left-leg
+    lm[84:90, cx - 12:cx] = 19  # Right-shoe
+    lm[84:90, cx:cx + 12] = 18  # Left-shoe
+    masks = []
+    if persons >= 1:
+        whole = np.zeros((h, w), dtype=bool)
+        whole[3:91, cx - 23:cx + 23] = True
+        masks.append(whole)
+    if persons >= 2:  # a second, partly overlapping person at the edge
+        second = np.zeros((h, w), dtype=bool)
+        second[40:90, cx + 18:cx + 50] = True
+        masks.append(second)
+    return result_from_label_map(lm, masks, model_digest="sha256:" + "ab" * 32)
+
+
+def lesion_mask(h: int = H, w: int = W) -> np.ndarray:
+    mask = np.zeros((h, w), dtype=bool)
+    mask[36:50, w // 2 + 10:w // 2 + 22] = True  # part clothes, part left arm
+    return mask
+
+
+@dataclasses.dataclass
+class PhotoCase:
+    name: str
+    dataset: pydicom.Dataset
+    rgb: np.ndarray
+
+
+def _photo_case(kind: str, tmp_path: Path) -> PhotoCase:
+    rgb = synthetic_rgb(H, W)
+    if kind == "rgb":
+        ds = make_vl_photo(rgb)
+    elif kind == "jpeg":
+        ds = pydicom.dcmread(make_jpeg_photo_with_img2dcm(rgb, tmp_path))
+    elif kind == "mono2":
+        ds = make_grey_photo(rgb.mean(axis=2).astype(np.uint8))
+    else:
+        raise ValueError(kind)
+    photo = photo_from_dataset(ds)
+    return PhotoCase(kind, ds, photo.rgb)
+
+
+@pytest.fixture(params=["rgb", "jpeg", "mono2"])
+def photo(request, tmp_path) -> PhotoCase:
+    return _photo_case(request.param, tmp_path)
+
+
+@pytest.fixture
+def rgb_photo(tmp_path) -> PhotoCase:
+    return _photo_case("rgb", tmp_path)
+
+
+FIXED_TIME = datetime.datetime(2024, 6, 11, 14, 30, 5, 123456)
+
+
+def encode(case: PhotoCase, result: ParsingResult | None = None, **options) -> EncodedResults:
+    result = result or synthetic_parsing()
+    opts = EncodeOptions(content_datetime=FIXED_TIME, **options)
+    return encode_results(case.dataset, case.rgb, result, overlay(case.rgb, result.label_map), opts,
+                          lesion_mask=lesion_mask())
+
+
+def write_all(encoded: EncodedResults, tmp_path: Path) -> dict[str, Path]:
+    paths = {}
+    for name, ds in (("seg", encoded.seg), ("sc", encoded.sc), ("sr", encoded.sr)):
+        if ds is not None:
+            paths[name] = write_dataset(ds, tmp_path / f"{name}.dcm")
+    return paths
+
+
+def assert_dciodvfy_clean(path: Path, photo: PhotoCase | None = None) -> list[str]:
+    """No Error line; no Warning line but the private-scheme one and those the photo has itself."""
+    report = validate(path)
+    assert report.errors == [], f"dciodvfy errors for {path.name}:\n" + "\n".join(report.errors)
+    inherited = set(validate(photo.dataset).warnings) if photo is not None else set()
+    unexpected = sorted({w for w in report.warnings if EXPECTED_WARNING not in w} - inherited)
+    assert unexpected == [], f"unexpected dciodvfy warnings for {path.name}: {unexpected}"
+    return report.warnings
+
+
+# --------------------------------------------------------------------------------- code table
+
+
+def _sct_meaning(code_value: str) -> set[str]:
+    return {
+        meaning
+        for entries in _concepts_dict.concepts["SCT"].values()
+        for value, (meaning, _cids) in entries.items()
+        if value == code_value
+    }
+
+
+def test_code_table_covers_every_class_with_checked_codes():
+    for class_index in range(1, len(CLASS_NAMES)):
+        coding = codetable.class_coding(class_index)
+        for code in (coding.category, coding.property_type, *coding.modifiers):
+            if code.scheme_designator == "SCT":
+                # every SNOMED CT code we use is one pydicom knows, with the same meaning
+                assert code.meaning in _sct_meaning(code.value), code
+            else:
+                assert code.scheme_designator == codetable.PRIVATE_SCHEME
+                assert code.value == str(class_index)  # private class codes: value = class index
+    assert codetable.class_coding(HUMAN).property_type.value == "38266002"  # Entire body
+    with pytest.raises(ValueError, match="class index 0"):
+        codetable.class_coding(0)
+
+
+@pytest.mark.parametrize(
+    ("class_index", "type_value", "laterality"),
+    [(14, "53120007", "7771000"), (15, "53120007", "24028007"), (16, "61685007", "7771000"),
+     (17, "61685007", "24028007"), (13, "89545001", None), (2, "386045008", None)],
+)
+def test_laterality_is_a_modifier_on_a_shared_type(class_index, type_value, laterality):
+    coding = codetable.class_coding(class_index)
+    assert coding.property_type.value == type_value
+    assert (coding.laterality.value if coding.laterality else None) == laterality
+
+
+def test_garments_are_clothing_named_by_a_private_modifier():
+    coding = codetable.class_coding(5)  # UpperClothes
+    assert coding.property_type.value == "272180002"  # Clothing
+    assert coding.modifiers[0].scheme_designator == "99M2FP" and coding.modifiers[0].value == "5"
+    assert coding.finding_type.meaning == "Upper clothes"
+
+
+def test_private_code_value_fits_sh():
+    with pytest.raises(ValueError, match="16 characters"):
+        codetable.private_code("X" * 17, "too long")
+
+
+# --------------------------------------------------------------------------------- all three, valid
+
+
+@needs_dciodvfy
+def test_all_three_objects_pass_dciodvfy(photo, tmp_path):
+    encoded = encode(photo)
+    paths = write_all(encoded, tmp_path)
+    assert set(paths) == {"seg", "sc", "sr"}
+    for path in paths.values():
+        assert_dciodvfy_clean(path, photo)
+
+
+def test_objects_reference_the_photo_and_share_its_study_and_patient(photo, tmp_path):
+    encoded = encode(photo)
+    paths = write_all(encoded, tmp_path)
+    src = photo.dataset
+    seg, sc, sr = (pydicom.dcmread(paths[n]) for n in ("seg", "sc", "sr"))
+    uids = set()
+    for ds in (seg, sc, sr):
+        assert ds.StudyInstanceUID == src.StudyInstanceUID
+        assert ds.PatientID == src.PatientID
+        assert ds.PatientName == src.PatientName
+        assert ds.SeriesInstanceUID != src.SeriesInstanceUID
+        assert ds.SOPInstanceUID != src.SOPInstanceUID
+        uids |= {ds.SeriesInstanceUID, ds.SOPInstanceUID}
+    assert len(uids) == 6  # three new series, three new instances
+
+    photo_uid = src.SOPInstanceUID
+    assert seg.SourceImageSequence[0].ReferencedSOPInstanceUID == photo_uid
+    assert seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == photo_uid
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == photo_uid
+    assert sc.ReferencedImageSequence[0].ReferencedSOPInstanceUID == photo_uid
+    evidence = {
+        item.ReferencedSOPInstanceUID
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    assert evidence == {photo_uid, seg.SOPInstanceUID}
+    assert (seg.Rows, seg.Columns) == (src.Rows, src.Columns)
+    assert (sc.Rows, sc.Columns) == (src.Rows, src.Columns)
+    assert seg.BodyPartExamined == sc.BodyPartExamined == src.BodyPartExamined
+
+
+# --------------------------------------------------------------------------------- SEG
+
+
+def test_seg_reads_back_with_one_mask_per_class_and_person(rgb_photo, tmp_path):
+    result = synthetic_parsing()
+    encoded = encode(rgb_photo, result)
+    path = write_all(encoded, tmp_path)["seg"]
+    seg = hd.seg.segread(path)
+
+    classes = result.classes_present()
+    assert seg.SegmentationType == "BINARY"
+    assert seg.SegmentsOverlap == "YES"  # persons overlap their parts
+    assert seg.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    assert seg.get_segment_numbers() == list(range(1, len(classes) + len(result.persons) + 1))
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=[rgb_photo.dataset.SOPInstanceUID], combine_segments=False
+    )[0]
+    assert pixels.shape == (H, W, len(classes) + len(result.persons))
+    for number, class_index in enumerate(classes, start=1):
+        description = seg.get_segment_description(number)
+        coding = codetable.class_coding(class_index)
+        assert description.segment_label == coding.label
+        assert description.segmented_property_type == coding.property_type
+        assert description.tracking_id == coding.label
+        np.testing.assert_array_equal(pixels[:, :, number - 1].astype(bool), result.label_map == class_index)
+    for person in result.persons:
+        number = len(classes) + person.index + 1
+        description = seg.get_segment_description(number)
+        assert description.segmented_property_type == codetable.ENTIRE_BODY
+        assert description.tracking_id == f"Person {person.index + 1}"
+        assert description.tracking_uid
+        np.testing.assert_array_equal(pixels[:, :, number - 1].astype(bool), person.mask)
+
+
+def test_seg_laterality_modifier_and_display_colour(rgb_photo, tmp_path):
+    seg = pydicom.dcmread(write_all(encode(rgb_photo), tmp_path)["seg"])
+    by_label = {item.SegmentLabel: item for item in seg.SegmentSequence}
+    left_arm = by_label["Left arm"].SegmentedPropertyTypeCodeSequence[0]
+    assert left_arm.CodeValue == "53120007"
+    assert left_arm.SegmentedPropertyTypeModifierCodeSequence[0].CodeValue == "7771000"
+    right_leg = by_label["Right leg"].SegmentedPropertyTypeCodeSequence[0]
+    assert right_leg.SegmentedPropertyTypeModifierCodeSequence[0].CodeValue == "24028007"
+    face = by_label["Face"].SegmentedPropertyTypeCodeSequence[0]
+    assert "SegmentedPropertyTypeModifierCodeSequence" not in face
+
+    names = {codetable.class_coding(c).label: c for c in range(1, len(CLASS_NAMES))}
+    for item in seg.SegmentSequence:
+        class_index = HUMAN if item.SegmentLabel.startswith("Person") else names[item.SegmentLabel]
+        rgb = hd.color.CIELabColor.from_dicom_value(item.RecommendedDisplayCIELabValue).to_rgb()
+        assert np.abs(np.array(rgb) - np.array(class_color(class_index))).max() <= 1, item.SegmentLabel
+
+    algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert algorithm.AlgorithmName == "M2FP"
+    digest = "sha256:" + "ab" * 32
+    assert algorithm.AlgorithmVersion == digest[:64]  # cut to 64 characters (LO) ...
+    assert f"digest={digest}" in algorithm.AlgorithmParameters  # ... and given whole here
+    assert algorithm.AlgorithmFamilyCodeSequence[0].CodeValue == "123110"  # Artificial Intelligence
+    assert seg.SegmentSequence[0].SegmentAlgorithmType == "AUTOMATIC"
+    assert seg.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == "99M2FP"
+    assert "FrameOfReferenceUID" not in seg
+    assert seg.PatientOrientation == ""
+
+
+@needs_dciodvfy
+def test_seg_without_person_segments(rgb_photo, tmp_path):
+    encoded = encode(rgb_photo, include_person_segments=False)
+    paths = write_all(encoded, tmp_path)
+    seg = hd.seg.segread(paths["seg"])
+    labels = [seg.get_segment_description(n).segment_label for n in seg.get_segment_numbers()]
+    assert not any(label.startswith("Person") for label in labels)
+    assert seg.number_of_segments == len(synthetic_parsing().classes_present())
+    # persons are still measured, on the photo (TID 1501) instead of on a segment
+    report = hd.sr.srread(paths["sr"]).content
+    person_groups = [
+        g for g in report.get_image_measurement_groups() if g.tracking_identifier.startswith("Person ")
+    ]
+    assert len(person_groups) == 2
+    for path in paths.values():
+        assert_dciodvfy_clean(path)
+
+
+@pytest.mark.parametrize(("persons", "expected"), [(0, "NO"), (1, "YES"), (2, "YES"), ("apart", "NO")])
+def test_fast_overlap_check_agrees_with_highdicom(persons, expected):
+    if persons == "apart":  # one person that covers no labelled pixel
+        lm = np.zeros((H, W), np.uint8)
+        lm[:, : W // 2] = 13
+        mask = np.zeros((H, W), bool)
+        mask[:, W // 2:] = True
+        result = result_from_label_map(lm, [mask])
+    else:
+        result = synthetic_parsing(persons=persons)
+    planned = plan_segments(result)
+    masks = np.stack([s.mask(result) for s in planned], axis=-1)[np.newaxis]
+    numbers = np.arange(1, len(planned) + 1)
+    binary = hd.seg.SegmentationTypeValues.BINARY
+    _, stock = hd.seg.Segmentation._check_and_cast_pixel_array(masks, numbers, binary, np.uint8)
+    _, fast = _BinarySegmentation._check_and_cast_pixel_array(masks, numbers, binary, np.uint8)
+    assert fast == stock == hd.seg.SegmentsOverlapValues(expected)
+
+
+def test_seg_rejects_a_parsing_of_another_size(rgb_photo):
+    with pytest.raises(ValueError, match="pixel for pixel"):
+        build_segmentation(rgb_photo.dataset, synthetic_parsing(H + 2, W))
+    result = synthetic_parsing(persons=1)
+    wrong = dataclasses.replace(result.persons[0], mask=np.ones((H, W + 1), bool))
+    with pytest.raises(ValueError, match="person 1's mask"):
+        build_segmentation(rgb_photo.dataset, dataclasses.replace(result, persons=[wrong]))
+
+
+def test_nothing_found_gives_no_seg_but_sc_and_sr(rgb_photo, tmp_path):
+    empty = result_from_label_map(np.zeros((H, W), np.uint8), [])
+    with pytest.raises(ValueError, match="at least one segment"):
+        build_segmentation(rgb_photo.dataset, empty)
+    encoded = encode(rgb_photo, empty)
+    assert encoded.seg is None
+    paths = write_all(encoded, tmp_path)
+    report = hd.sr.srread(paths["sr"]).content
+    (image_group,) = report.get_image_measurement_groups()
+    count = image_group.get_measurements(name=codetable.PERSON_COUNT)[0]
+    assert count.value == 0
+    if dciodvfy_available():
+        for path in paths.values():
+            assert_dciodvfy_clean(path)
+
+
+# --------------------------------------------------------------------------------- SC
+
+
+def test_sc_is_a_derived_burned_in_overlay(rgb_photo, tmp_path):
+    result = synthetic_parsing()
+    image = overlay(rgb_photo.rgb, result.label_map)
+    sc = pydicom.dcmread(write_all(encode(rgb_photo, result), tmp_path)["sc"])
+    assert sc.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage
+    assert list(sc.ImageType) == ["DERIVED", "SECONDARY"]
+    assert sc.BurnedInAnnotation == "YES"
+    assert "not for diagnosis" in sc.SeriesDescription
+    assert "Not for diagnostic use" in sc.ImageComments
+    assert sc.LossyImageCompression == "00"
+    np.testing.assert_array_equal(sc.pixel_array, image)
+
+
+@needs_dciodvfy
+def test_sc_jpeg_records_its_own_lossy_step(rgb_photo, tmp_path):
+    encoded = encode(rgb_photo, sc_jpeg=True)
+    path = write_all(encoded, tmp_path)["sc"]
+    assert_dciodvfy_clean(path)
+    sc = pydicom.dcmread(path)
+    assert sc.file_meta.TransferSyntaxUID == JPEGBaseline8Bit
+    assert sc.PhotometricInterpretation == "YBR_FULL_422"
+    assert sc.LossyImageCompression == "01"
+    assert sc.LossyImageCompressionMethod == "ISO_10918_1"
+    assert float(sc.LossyImageCompressionRatio) > 1.0
+    decoded = photo_from_dataset(sc).rgb
+    expected = overlay(rgb_photo.rgb, synthetic_parsing().label_map)
+    assert np.abs(decoded.astype(int) - expected).mean() < 6
+
+
+def test_lossy_photo_makes_lossy_results(tmp_path):
+    case = _photo_case("jpeg", tmp_path)
+    assert lossy_compression_history(case.dataset) is not None
+    encoded = encode(case)
+    assert encoded.sc.LossyImageCompression == "01"
+    assert "ISO_10918_1" in list(np.atleast_1d(encoded.sc.LossyImageCompressionMethod))
+    assert encoded.seg.LossyImageCompression == "01"
+
+    jpeg_sc = encode(case, sc_jpeg=True).sc
+    methods = list(jpeg_sc.LossyImageCompressionMethod)
+    assert methods[-1] == "ISO_10918_1" and len(methods) == 2  # the photo's step, then ours
+
+
+def test_sc_rejects_a_non_rgb_overlay(rgb_photo):
+    with pytest.raises(ValueError, match="uint8"):
+        build_overlay_sc(rgb_photo.dataset, rgb_photo.rgb.astype(np.float32), synthetic_parsing())
+
+
+# --------------------------------------------------------------------------------- SR
+
+
+def test_sr_numbers_equal_the_statistics(rgb_photo, tmp_path):
+    result = synthetic_parsing()
+    statistics = region_statistics(result)
+    lesions = {item.class_index: item for item in lesion_statistics(result, lesion_mask())}
+    encoded = encode(rgb_photo, result)
+    paths = write_all(encoded, tmp_path)
+    sr = hd.sr.srread(paths["sr"])
+    seg = pydicom.dcmread(paths["seg"])
+    report = sr.content
+    assert isinstance(sr, hd.sr.ComprehensiveSR)
+
+    (image_group,) = [
+        g for g in report.get_image_measurement_groups() if g.tracking_identifier == "Persons in image"
+    ]
+    values = {m.name.value: m.value for m in image_group.get_measurements()}
+    assert values[codetable.PERSON_COUNT.value] == statistics.person_count == 2
+    assert values[codetable.AREA.value] == statistics.person_pixels
+
+    groups = {g.tracking_identifier: g for g in report.get_volumetric_roi_measurement_groups()}
+    seg_uids = {item.TrackingID: item.TrackingUID for item in seg.SegmentSequence}
+    seg_numbers = {item.TrackingID: item.SegmentNumber for item in seg.SegmentSequence}
+    assert len(groups) == len(statistics.regions) + len(statistics.persons)
+    for region in statistics.regions:
+        label = codetable.class_coding(region.class_index).label
+        group = groups[label]
+        assert group.tracking_uid == seg_uids[label]  # same region in SEG and SR (TID 4108)
+        reference = group.referenced_segment
+        assert reference[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == seg.SOPInstanceUID
+        assert reference[0].ReferencedSOPSequence[0].ReferencedSegmentNumber == seg_numbers[label]
+        source = reference[1].ReferencedSOPSequence[0]
+        assert source.ReferencedSOPInstanceUID == rgb_photo.dataset.SOPInstanceUID
+        values = {m.name.value: m for m in group.get_measurements()}
+        assert values[codetable.AREA.value].value == region.pixels
+        assert values[codetable.AREA.value].unit.value == "{pixels}"
+        of_image = values[codetable.AREA_PERCENT_OF_IMAGE.value]
+        of_persons = values[codetable.AREA_PERCENT_OF_PERSONS.value]
+        assert of_image.value == pytest.approx(100 * region.image_fraction)
+        assert of_persons.value == pytest.approx(100 * region.person_fraction)
+        assert of_image.unit.value == of_persons.unit.value == "%"
+        lesion = lesions[region.class_index]
+        assert values[codetable.LESION_AREA.value].value == lesion.lesion_pixels
+        assert values[codetable.LESION_PERCENT_OF_REGION.value].value == pytest.approx(lesion.lesion_percent)
+    for person in statistics.persons:
+        group = groups[f"Person {person.person_index + 1}"]
+        values = {m.name.value: m.value for m in group.get_measurements()}
+        assert values[codetable.AREA.value] == person.pixels
+        assert values[codetable.AREA_PERCENT_OF_IMAGE.value] == pytest.approx(100 * person.image_fraction)
+    assert any(lesion.lesion_pixels > 0 for lesion in lesions.values())
+
+
+def test_sr_observer_is_the_node_and_groups_name_the_algorithm(rgb_photo, tmp_path):
+    sr = pydicom.dcmread(write_all(encode(rgb_photo), tmp_path)["sr"])
+    root = sr.ContentSequence
+    observer_type = next(i for i in root if i.ConceptNameCodeSequence[0].CodeValue == "121005")
+    assert observer_type.ConceptCodeSequence[0].CodeValue == "121007"  # Device
+    assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == "99M2FP"
+    assert sr.VerificationFlag == "UNVERIFIED" and sr.PreliminaryFlag == "PRELIMINARY"
+    report = hd.sr.ComprehensiveSR.from_dataset(sr).content
+    for group in report.get_volumetric_roi_measurement_groups():
+        names = [item.ConceptNameCodeSequence[0].CodeValue for item in group[0].ContentSequence]
+        assert "111001" in names  # Algorithm Name (TID 4019)
+    left_arm = report.get_volumetric_roi_measurement_groups(finding_type=codetable.UPPER_LIMB)
+    lateralities = {
+        site.laterality.value for group in left_arm for site in group.finding_sites if site.laterality
+    }
+    assert lateralities == {"7771000", "24028007"}
+
+
+def test_sr_refuses_a_seg_built_with_other_options(rgb_photo):
+    result = synthetic_parsing()
+    seg = build_segmentation(rgb_photo.dataset, result, EncodeOptions(include_person_segments=False))
+    with pytest.raises(ValueError, match="not built from this parsing"):
+        build_measurement_report(rgb_photo.dataset, seg, result, region_statistics(result), EncodeOptions())
+
+
+# --------------------------------------------------------------------------------- behaviour
+
+
+def _content_without_uids_and_times(ds: pydicom.Dataset) -> dict:
+    def strip(node):
+        if isinstance(node, dict):
+            if node.get("vr") in {"UI", "DA", "TM", "DT"}:
+                return None
+            return {k: strip(v) for k, v in node.items() if k not in ("InlineBinary", "BulkDataURI")}
+        if isinstance(node, list):
+            return [strip(v) for v in node]
+        return node
+
+    return strip(ds.to_json_dict())
+
+
+def test_identical_input_gives_identical_content_except_uids_and_times(rgb_photo):
+    first, second = encode(rgb_photo), encode(rgb_photo)
+    for a, b in zip(first.datasets(), second.datasets(), strict=True):
+        assert a.SOPInstanceUID != b.SOPInstanceUID
+        assert _content_without_uids_and_times(a) == _content_without_uids_and_times(b)
+        assert a.PixelData == b.PixelData if "PixelData" in a else True
+
+
+def test_patient_data_is_passed_on_unchanged(tmp_path):
+    rgb = synthetic_rgb(H, W)
+    ds = make_vl_photo(rgb, PatientName="Müller^Jürgen", PatientSex="U", PatientAge="042Y",
+                       IssuerOfPatientID="HOSP", OtherPatientIDsSequence=None)
+    case = PhotoCase("latin1", ds, rgb)
+    paths = write_all(encode(case), tmp_path)
+    for path in paths.values():
+        back = pydicom.dcmread(path)
+        assert back.SpecificCharacterSet == "ISO_IR 100"
+        assert str(back.PatientName) == "Müller^Jürgen"
+        assert back.PatientAge == "042Y" and back.IssuerOfPatientID == "HOSP"
+        assert back.PatientSex == "U"  # not ours to correct, even if highdicom would refuse it
+    assert ds.PatientSex == "U"  # the received photo is not modified
+
+
+@needs_dciodvfy
+def test_photo_without_type2_patient_and_study_attributes(tmp_path):
+    """A non-conformant gateway may drop Type 2 attributes: results still build and validate."""
+    rgb = synthetic_rgb(H, W)
+    ds = make_vl_photo(rgb, PatientBirthDate=None, PatientSex=None, StudyDate=None, StudyTime=None,
+                       StudyID=None, AccessionNumber=None, ReferringPhysicianName=None)
+    paths = write_all(encode(PhotoCase("bare", ds, rgb)), tmp_path)
+    for path in paths.values():
+        back = pydicom.dcmread(path)
+        assert back.PatientBirthDate == "" and back.StudyDate == "" and back.AccessionNumber == ""
+        assert validate(path).errors == []
+
+
+def test_warm_up_runs():
+    from dicom_node.encode import warm_up
+
+    warm_up()
+
+
+def test_options_are_checked_up_front():
+    with pytest.raises(ValueError, match="seg_series_number"):
+        EncodeOptions(seg_series_number=0)
+    with pytest.raises(ValueError, match="sc_series_description"):
+        EncodeOptions(sc_series_description="x" * 65)
+
+
+def test_plan_segments_numbers_without_gaps():
+    result = synthetic_parsing()
+    planned = plan_segments(result)
+    assert [s.segment_number for s in planned] == list(range(1, len(planned) + 1))
+    assert [s.class_index for s in planned if not s.is_person] == result.classes_present()
+    assert [s.person_index for s in planned if s.is_person] == [0, 1]
