@@ -137,3 +137,30 @@ def test_fetch_without_hub_says_so(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "error:" in proc.stderr and "Traceback" not in proc.stderr
     assert "fetch" in proc.stderr or "modelscope" in proc.stderr
+
+
+def test_dicom_flag_writes_valid_seg_sc_sr(small_model_dir: Path, tmp_path: Path) -> None:
+    import pydicom
+
+    from dicom_node.encode.validate import run_dciodvfy
+
+    rgb = synthetic_rgb(120, 160)
+    photo_ds = make_vl_photo(rgb)
+    src = write_dataset(photo_ds, tmp_path / "photo.dcm")
+    png = tmp_path / "plain.png"
+    Image.fromarray(rgb).save(png)
+    out = tmp_path / "out"
+    proc = run_cli("parse", str(src), str(png), "--dicom", "--out", str(out), "--model-dir", str(small_model_dir),
+                   "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "not DICOM" in proc.stderr  # the PNG gets the PNG outputs, and a note instead of DICOM
+    assert not (out / "plain_sc.dcm").exists()
+    # the small untrained model finds parts on this image, so all three objects are written
+    assert np.asarray(Image.open(out / "photo_labels.png")).any()
+    written = [out / f"photo_{kind}.dcm" for kind in ("seg", "sc", "sr")]
+    for path in written:
+        assert run_dciodvfy(path) == [], path
+        ds = pydicom.dcmread(path)
+        assert ds.StudyInstanceUID == photo_ds.StudyInstanceUID
+        assert ds.SOPInstanceUID != photo_ds.SOPInstanceUID
+        assert photo_ds.SOPInstanceUID.encode() in path.read_bytes()  # references the photo

@@ -92,3 +92,26 @@ def warm_up() -> None:
     label_map[2:6, 2:6] = 13
     result = result_from_label_map(label_map, [label_map > 0])
     encode_results(photo, None, result, np.zeros((8, 8, 3), np.uint8))
+
+
+def write_results(photo_ds: Dataset, photo_rgb: np.ndarray, result: ParsingResult, out_dir, stem: str,
+                  options: EncodeOptions | None = None, lesion_mask: np.ndarray | None = None) -> dict[str, object]:
+    """Build the three objects and write ``<stem>_seg.dcm``, ``_sc.dcm``, ``_sr.dcm`` (``dicom-node parse --dicom``).
+
+    Lets a PACS administrator inspect exactly what the node would send before wiring it to a PACS.
+    """
+    from pathlib import Path
+
+    from dicom_node.parse.render import overlay
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    encoded = encode_results(photo_ds, photo_rgb, result, overlay(photo_rgb, result.label_map), options, lesion_mask)
+    paths: dict[str, object] = {}
+    for kind, ds in (("seg", encoded.seg), ("sc", encoded.sc), ("sr", encoded.sr)):
+        if ds is None:
+            continue
+        path = out_dir / f"{stem}_{kind}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths[kind] = path
+    return paths

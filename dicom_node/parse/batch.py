@@ -96,4 +96,4 @@ def _write_dicom(photo, result, out_dir: Path, stem: str, lesion: np.ndarray | N
         return
     from dicom_node.encode.results import write_results
 
-    write_results(photo, result, out_dir, stem, lesion_mask=lesion)
+    write_results(photo.dataset, photo.rgb, result, out_dir, stem, lesion_mask=lesion)
