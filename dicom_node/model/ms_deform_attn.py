@@ -1,7 +1,4 @@
-"""Multi-scale deformable attention (Deformable DETR), the pure-PyTorch ``grid_sample`` form.
-
-This is the algorithm mmcv and the official code run on CPU; no compiled kernel is needed.
-"""
+"""Multi-scale deformable attention (Deformable DETR) in plain PyTorch: no compiled kernel needed."""
 
 from __future__ import annotations
 
@@ -14,31 +11,52 @@ def ms_deform_attn_core(value: torch.Tensor, spatial_shapes: list[tuple[int, int
                         sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
     """Sample every head's points bilinearly on every level and mix them by attention weight.
 
-    value (N, S, M, D); sampling_locations (N, Lq, M, L, P, 2) in [0, 1]; attention_weights
-    (N, Lq, M, L, P). Returns (N, Lq, M*D).
+    value (N, S, M, D); sampling_locations (N, Lq, M, L, P, 2) as (x, y) in [0, 1];
+    attention_weights (N, Lq, M, L, P). Returns (N, Lq, M*D).
 
-    The reference stacks all samples as (N*M, D, Lq, L*P) and multiplies by the weights
-    broadcast over a length-12 inner axis, which is memory-bound and slow on CPU. Here the
-    sampling grid is laid out (P, Lq) so every sample row is contiguous in Lq, and the weighted
-    sum is accumulated point by point with fused multiply-adds: the same sums in another order
-    (differences ~1e-6), about 7x faster for that step.
+    The reference runs ``grid_sample`` per level and then a weighted sum over a (.., Lq, L*P)
+    stack, which is memory-bound on CPU. The result is a weighted sum of 4 corner rows per
+    sampling point, so we compute each corner's row index and weight (attention weight x
+    bilinear weight) and let ``embedding_bag`` gather and sum the rows in one fused call. Each
+    level gets a one-pixel zero border and locations are clamped onto it, which reproduces
+    grid_sample's zeros padding (align_corners=False) exactly. Same sums in another order
+    (differences ~1e-6), about 1.7x less CPU time than grid_sample on this machine.
     """
     n, _, m, d = value.shape
     _, lq, _, n_levels, n_points, _ = sampling_locations.shape
-    value_list = value.split([h * w for h, w in spatial_shapes], dim=1)
-    grids = (2 * sampling_locations - 1).permute(0, 2, 3, 4, 1, 5)  # (N, M, L, P, Lq, 2)
-    weights = attention_weights.permute(0, 2, 3, 4, 1).reshape(n * m, 1, n_levels, n_points, lq)
-    out: torch.Tensor | None = None
-    for level, (h, w) in enumerate(spatial_shapes):
-        value_l = value_list[level].permute(0, 2, 3, 1).reshape(n * m, d, h, w)
-        grid_l = grids[:, :, level].reshape(n * m, n_points, lq, 2)
-        sampled = F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False)
-        for point in range(n_points):  # sampled: (N*M, D, P, Lq)
-            if out is None:
-                out = sampled[:, :, point] * weights[:, :, level, point]
-            else:
-                out.addcmul_(sampled[:, :, point], weights[:, :, level, point])
-    return out.view(n, m * d, lq).transpose(1, 2).contiguous()
+    padded, level_starts, start, offset = [], [], 0, 0
+    for h, w in spatial_shapes:
+        level = value[:, offset:offset + h * w].reshape(n, h, w, m * d)
+        padded.append(F.pad(level, (0, 0, 1, 1, 1, 1)).reshape(n, (h + 2) * (w + 2), m * d))
+        level_starts.append(start)
+        start += (h + 2) * (w + 2)
+        offset += h * w
+    rows_per_image = start
+    table = torch.cat(padded, 1).reshape(n * rows_per_image * m, d)  # row = (image, padded pixel, head)
+
+    sizes = torch.tensor(spatial_shapes, dtype=value.dtype, device=value.device)
+    height, width = sizes[:, 0].view(n_levels, 1), sizes[:, 1].view(n_levels, 1)
+    padded_width = (width + 2).long()
+    # pixel coordinates (pixel centres at k + 0.5), clamped onto the zero border
+    x = torch.minimum((sampling_locations[..., 0] * width - 0.5).clamp_(min=-1), width)
+    y = torch.minimum((sampling_locations[..., 1] * height - 0.5).clamp_(min=-1), height)
+    x0 = torch.minimum(x.floor(), width - 1)
+    y0 = torch.minimum(y.floor(), height - 1)
+    fx, fy = x - x0, y - y0
+    pixel = (y0.long() + 1) * padded_width + (x0.long() + 1)
+    pixel += torch.tensor(level_starts, device=value.device).view(n_levels, 1)
+    pixel += torch.arange(n, device=value.device).view(n, 1, 1, 1, 1) * rows_per_image
+    top_left = pixel * m + torch.arange(m, device=value.device).view(1, 1, m, 1, 1)
+    down = padded_width * m
+    index = torch.stack((top_left, top_left + m, top_left + down, top_left + down + m), -1)
+    w_bottom = attention_weights * fy
+    w_top = attention_weights - w_bottom
+    w_top_right, w_bottom_right = w_top * fx, w_bottom * fx
+    weights = torch.stack((w_top - w_top_right, w_top_right, w_bottom - w_bottom_right, w_bottom_right), -1)
+    bag = n_levels * n_points * 4
+    out = F.embedding_bag(index.view(n * lq * m, bag), table, per_sample_weights=weights.view(n * lq * m, bag),
+                          mode="sum")
+    return out.view(n, lq, m * d)
 
 
 class MSDeformAttn(nn.Module):

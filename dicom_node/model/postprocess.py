@@ -6,9 +6,9 @@ The official code upsamples all 100 query masks to the photo's size (300 MB at 1
 * a candidate's score is class probability x mask score, and the mask score is below 1, so a
   candidate whose class probability is under the 0.1 cut can never be kept: only candidates
   that can pass are drawn at all;
-* the final (bilinear) upsampling to the photo's size is evaluated only inside the bounding
-  box of the query's positive logits: outside it all four source neighbours are <= 0, so the
-  upsampled logit is <= 0 and the pixel contributes nothing to the mask or its score;
+* mask statistics and painting run only inside the bounding box of the query's positive
+  logits: outside it all four bilinear source neighbours are <= 0, so the upsampled logit is
+  <= 0 and the pixel contributes nothing to the mask or its score;
 * the label map is painted as we go (a best-score map decides each pixel), so no full-size
   float mask is ever kept; part masks are recomputed on demand from the 14 MB of stride-4
   logits (``LazyMask``).
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 SCORE_CUT = 0.1
 TOPK = 100
 RESIZED_CHUNK = 16  # queries upsampled to the network input size at once
+PHOTO_CHUNK_ELEMENTS = 24_000_000  # photo-size float32 logits drawn at once (about 96 MB)
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,8 @@ def _source_index(out_size: int, in_size: int) -> tuple[torch.Tensor, torch.Tens
 class MaskUpsampler:
     """Stride-4 mask logits -> padded input size -> crop -> photo size, the official chain.
 
-    The first step runs for a few queries at a time with F.interpolate; the second is written
-    out (gathers and weights) so it can be evaluated on a window of the photo only.
+    Both steps are F.interpolate (bilinear, align_corners=False), so the photo-size logits are
+    bit-identical to the official ones; only the statistics are restricted to a window.
     """
 
     def __init__(self, pred_masks: torch.Tensor, padded_hw: tuple[int, int], resized_hw: tuple[int, int],
@@ -77,42 +78,33 @@ class MaskUpsampler:
         self.padded_hw, self.resized_hw, self.original_hw = padded_hw, resized_hw, original_hw
         self._y = _source_index(original_hw[0], resized_hw[0])
         self._x = _source_index(original_hw[1], resized_hw[1])
+        self.photo_chunk = max(1, PHOTO_CHUNK_ELEMENTS // (original_hw[0] * original_hw[1]))
 
     def resized(self, queries: list[int]) -> torch.Tensor:
         """(k, h, w) logits at the network-input (resized photo) size."""
         x = F.interpolate(self.pred_masks[queries][None], size=self.padded_hw, mode="bilinear", align_corners=False)
         return x[0, :, : self.resized_hw[0], : self.resized_hw[1]]
 
-    def window(self, resized: torch.Tensor) -> tuple[tuple[slice, slice], torch.Tensor] | None:
-        """Photo-size logits inside the box where they can be positive; None if nowhere."""
+    def photo_size(self, resized: torch.Tensor) -> torch.Tensor:
+        """(k, H, W) logits at the photo's size."""
+        return F.interpolate(resized[None], size=self.original_hw, mode="bilinear", align_corners=False)[0]
+
+    def window(self, resized: torch.Tensor) -> tuple[slice, slice] | None:
+        """The photo-size box outside which this query's logits cannot be positive; None if nowhere."""
         pos = resized > 0
         rows = torch.nonzero(pos.any(1)).flatten()
         if rows.numel() == 0:
             return None
         cols = torch.nonzero(pos.any(0)).flatten()
-        (y0, y1, ly), (x0, x1, lx) = self._y, self._x
+        (y0, y1, _), (x0, x1, _) = self._y, self._x
         r_lo, r_hi, c_lo, c_hi = int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
-        # photo rows whose upper or lower source row lies in [r_lo, r_hi]
+        # photo rows/columns that read a source row/column inside the positive box
         ys = torch.nonzero((y1 >= r_lo) & (y0 <= r_hi)).flatten()
         xs = torch.nonzero((x1 >= c_lo) & (x0 <= c_hi)).flatten()
-        ya, yb = int(ys[0]), int(ys[-1]) + 1
-        xa, xb = int(xs[0]), int(xs[-1]) + 1
-        wy = ly[ya:yb, None]
-        wx = lx[None, xa:xb]
-        top = resized[y0[ya:yb]]
-        bottom = resized[y1[ya:yb]]
-        cx0, cx1 = x0[xa:xb], x1[xa:xb]
-        # same association as PyTorch's kernel: h0lambda*(w0lambda*a + w1lambda*b) + h1lambda*(...)
-        values = (1 - wy) * ((1 - wx) * top[:, cx0] + wx * top[:, cx1]) + wy * (
-            (1 - wx) * bottom[:, cx0] + wx * bottom[:, cx1])
-        return (slice(ya, yb), slice(xa, xb)), values
+        return slice(int(ys[0]), int(ys[-1]) + 1), slice(int(xs[0]), int(xs[-1]) + 1)
 
     def full_mask(self, query: int) -> np.ndarray:
-        mask = np.zeros(self.original_hw, dtype=bool)
-        win = self.window(self.resized([query])[0])
-        if win is not None:
-            mask[win[0]] = (win[1] > 0).numpy()
-        return mask
+        return (self.photo_size(self.resized([query]))[0] > 0).numpy()
 
 
 class LazyMask:
@@ -166,16 +158,18 @@ def postprocess(pred_logits: torch.Tensor, pred_masks: torch.Tensor, padded_hw: 
             if (cand.class_id == human_class) == is_human_pass:
                 by_query.setdefault(cand.query_index, []).append(cand)
         queries = list(by_query)
-        for start in range(0, len(queries), RESIZED_CHUNK):
-            chunk = queries[start:start + RESIZED_CHUNK]
+        for start in range(0, len(queries), up.photo_chunk):
+            chunk = queries[start:start + up.photo_chunk]
             resized = up.resized(chunk)
+            photo = up.photo_size(resized)
             for i, q in enumerate(chunk):
                 win = up.window(resized[i])
                 if win is None:
                     continue  # no positive pixel: mask score 0, never kept
-                (rows, cols), values = win
+                rows, cols = win
+                values = photo[i, rows, cols]
                 positive = values > 0
-                mask_score = float((values.sigmoid() * positive).sum() / (positive.sum() + 1e-6))
+                mask_score = float(torch.where(positive, values.sigmoid(), 0).sum() / (positive.sum() + 1e-6))
                 resized_pos = resized[i] > 0
                 for cand in by_query[q]:
                     score = cand.class_prob * mask_score
@@ -193,4 +187,5 @@ def postprocess(pred_logits: torch.Tensor, pred_masks: torch.Tensor, padded_hw: 
                         wins = positive & (win_best < score)
                         win_best[wins] = score
                         label_map[rows, cols][wins] = cand.class_id
+            del photo
     return PostprocessOutput(parts, humans, human_masks, label_map.numpy(), up)
