@@ -99,3 +99,20 @@ def test_unusable_directories_give_model_load_error(small_model_dir: Path, tmp_p
         (d / CONFIG_FILE).write_text("{")
     with pytest.raises(ModelLoadError):
         load_model_dir(d)
+
+
+def test_inference_imports_no_modelscope_torchvision_mmcv_or_timm(small_model_dir: Path) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "from dicom_node.parse.engine import HumanParser\n"
+        f"p = HumanParser.from_model_dir({str(small_model_dir)!r})\n"
+        "p.parse(np.zeros((64, 48, 3), np.uint8))\n"
+        "bad = [m for m in ('modelscope', 'torchvision', 'mmcv', 'timm') if m in sys.modules]\n"
+        "print('BAD', bad)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "BAD []" in out.stdout

@@ -133,10 +133,13 @@ def test_make_test_cli_marks_model_untrained(tmp_path: Path) -> None:
 
 
 def test_fetch_without_hub_says_so(tmp_path: Path) -> None:
+    """The real modelscope client (a test dependency) against an unreachable hub: one clear message."""
     proc = run_cli("model", "fetch", "--dir", str(tmp_path / "m"))
     assert proc.returncode == 1
-    assert "error:" in proc.stderr and "Traceback" not in proc.stderr
-    assert "fetch" in proc.stderr or "modelscope" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "error: cannot download damo/cv_resnet101_image-multiple-human-parsing" in proc.stderr
+    assert "make-test" in proc.stderr and "modelscope download" in proc.stderr
+    assert not (tmp_path / "m" / "pytorch_model.pt").exists()
 
 
 def test_dicom_flag_writes_valid_seg_sc_sr(small_model_dir: Path, tmp_path: Path) -> None:
