@@ -101,6 +101,8 @@ class MaskUpsampler:
         # photo rows/columns that read a source row/column inside the positive box
         ys = torch.nonzero((y1 >= r_lo) & (y0 <= r_hi)).flatten()
         xs = torch.nonzero((x1 >= c_lo) & (x0 <= c_hi)).flatten()
+        if ys.numel() == 0 or xs.numel() == 0:
+            return None  # shrinking to a small photo skips every source row/column that is positive
         return slice(int(ys[0]), int(ys[-1]) + 1), slice(int(xs[0]), int(xs[-1]) + 1)
 
     def full_mask(self, query: int) -> np.ndarray:
