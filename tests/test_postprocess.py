@@ -1,0 +1,69 @@
+"""The streamed postprocess against a naive transcription of the official one, on random outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dicom_node.model.postprocess import postprocess, select_candidates
+from dicom_node.model.preprocess import target_size
+
+HUMAN = 20
+
+
+def official_postprocess(logits, masks, padded_hw, resized_hw, original_hw):
+    """M2FP.postprocess + pipeline cuts as the fixture README describes them: all 100 masks upsampled."""
+    full = F.interpolate(masks[None], size=padded_hw, mode="bilinear", align_corners=False)
+    full = full[:, :, : resized_hw[0], : resized_hw[1]]
+    full = F.interpolate(full, size=original_hw, mode="bilinear", align_corners=False)[0]
+    binary = (full > 0).float()
+    mask_score = (full.sigmoid().flatten(1) * binary.flatten(1)).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
+    probs = F.softmax(logits, -1)[:, :-1]
+    k = probs.shape[1]
+    values, index = probs.flatten().topk(100, sorted=False)
+    kept = {}
+    for p, idx in zip(values.tolist(), index.tolist(), strict=True):
+        q, c = divmod(idx, k)
+        score = p * float(mask_score[q])
+        if (c == HUMAN and score > 0.1) or (c not in (0, HUMAN) and score >= 0.1):
+            kept[(q, c)] = (score, (full[q] > 0).numpy())
+    return kept
+
+
+@pytest.mark.parametrize("original_hw", [(384, 512), (64, 48), (1000, 333), (640, 640)])
+def test_streamed_postprocess_equals_naive_official(original_hw) -> None:
+    gen = torch.Generator().manual_seed(sum(original_hw))
+    resized_hw = target_size(*original_hw)
+    padded_hw = tuple(-(-s // 32) * 32 for s in resized_hw)
+    q = 100
+    logits = torch.randn(q, 22, generator=gen) * 4
+    masks = torch.randn(q, padded_hw[0] // 4, padded_hw[1] // 4, generator=gen)
+    masks = F.avg_pool2d(masks[None], 5, 1, 2)[0] * 6 - 1  # smooth blobs, some queries empty
+    masks[:10] = -5.0  # queries with no positive pixel at all
+    ref = official_postprocess(logits, masks, padded_hw, resized_hw, original_hw)
+    out = postprocess(logits, masks, padded_hw, resized_hw, original_hw, HUMAN)
+    ours = {(i.query_index, i.class_id): i for i in out.parts + out.humans}
+    assert set(ours) == set(ref)
+    assert len(ref) > 3  # the case is not trivial
+    for key, (score, _mask) in ref.items():
+        assert ours[key].score == pytest.approx(score, rel=1e-5, abs=1e-7)
+    for inst, mask in zip(out.humans, out.human_masks, strict=True):
+        np.testing.assert_array_equal(mask, ref[(inst.query_index, inst.class_id)][1])
+    for inst in out.parts:
+        np.testing.assert_array_equal(out.upsampler.full_mask(inst.query_index),
+                                      ref[(inst.query_index, inst.class_id)][1])
+    expected = np.zeros(original_hw, np.uint8)
+    for (_, c), (_, mask) in sorted(((k, v) for k, v in ref.items() if k[1] != HUMAN), key=lambda kv: kv[1][0]):
+        expected[mask] = c
+    np.testing.assert_array_equal(out.label_map, expected)
+
+
+def test_cuts_are_ge_for_parts_and_gt_for_humans() -> None:
+    logits = torch.full((3, 22), -50.0)
+    logits[0, 5] = 10.0  # a part with prob ~1
+    logits[1, HUMAN] = 10.0
+    logits[2, 0] = 10.0  # Background: never returned
+    cands = select_candidates(logits, HUMAN)
+    assert [(c.query_index, c.class_id) for c in cands] == [(0, 5), (1, HUMAN)]
