@@ -36,6 +36,7 @@ from pydicom.uid import (
     JPEGLSTransferSyntaxes,
     JPEGTransferSyntaxes,
     MPEGTransferSyntaxes,
+    RLELossless,
 )
 
 from dicom_node.decode.errors import CorruptPhotoError, PhotoError, UnsupportedPhotoError
@@ -283,7 +284,9 @@ def _decode_dataset(
     if decoder.is_native:
         _check_native_length(ds, rows, columns, samples, photometric)
     else:
-        _check_encapsulated(ds, ts)
+        frame = _check_encapsulated(ds, ts)
+        if ts == RLELossless:
+            _check_rle_rows(frame, rows, columns)
 
     arr, properties = None, {}
     if ts in _PILLOW_JPEG_SYNTAXES and photometric in ("YBR_FULL", "YBR_FULL_422") and bits_stored == 8:
@@ -341,7 +344,7 @@ def _check_native_length(ds: Dataset, rows: int, columns: int, samples: int, pho
         )
 
 
-def _check_encapsulated(ds: Dataset, ts: UID) -> None:
+def _check_encapsulated(ds: Dataset, ts: UID) -> bytes:
     """Catch what some decoders forgive: no encapsulation, no frame, a codestream cut short."""
     if bytes(ds.PixelData[:4]) != _ITEM_TAG_LE:
         raise CorruptPhotoError(
@@ -360,6 +363,49 @@ def _check_encapsulated(ds: Dataset, ts: UID) -> None:
             raise CorruptPhotoError(
                 f"{UID(ts).name} codestream is truncated: {len(frame)} bytes with no end marker"
             )
+    return frame
+
+
+def _check_rle_rows(frame: bytes, rows: int, columns: int) -> None:
+    """Refuse an RLE frame whose first segment holds whole rows more than Rows x Columns.
+
+    Each 8-bit RLE segment decodes to exactly Rows x Columns bytes (PS3.5 G.3.2). pydicom's
+    own RLE plugin only warns about a longer segment and crops it, so a Rows (or Columns) that
+    understates the image would silently give the model the top of the photo. A shortfall is
+    refused by every decoder already; a few bytes too many (padding some encoders add) are
+    tolerated, as pydicom does.
+    """
+    if len(frame) < 64:
+        raise CorruptPhotoError(f"RLE frame is {len(frame)} bytes, shorter than its 64-byte header")
+    segments = int.from_bytes(frame[0:4], "little")
+    start = int.from_bytes(frame[4:8], "little")
+    end = int.from_bytes(frame[8:12], "little") if segments > 1 else len(frame)
+    if not 1 <= segments <= 15 or not 64 <= start < end <= len(frame):
+        raise CorruptPhotoError(f"RLE header is invalid: {segments} segments, first at bytes {start}-{end}")
+    decoded = _packbits_decoded_length(frame[start:end])
+    expected = rows * columns
+    if decoded >= expected + columns:
+        raise CorruptPhotoError(
+            f"RLE data holds {decoded} pixels per sample but Rows {rows} x Columns {columns} = "
+            f"{expected}: Rows/Columns are wrong"
+        )
+
+
+def _packbits_decoded_length(segment: bytes) -> int:
+    """Bytes a PackBits (PS3.5 G.3.1) segment decodes to, without decoding it."""
+    length, pos, size = 0, 0, len(segment)
+    while pos < size:
+        header = segment[pos]
+        if header < 128:  # literal run of header + 1 bytes
+            length += min(header + 1, size - pos - 1)
+            pos += header + 2
+        elif header > 128:  # one byte repeated 257 - header times
+            if pos + 1 < size:
+                length += 257 - header
+            pos += 2
+        else:  # 128: no operation
+            pos += 1
+    return length
 
 
 def _decode_ycbcr_jpeg_with_pillow(ds: Dataset, rows: int, columns: int) -> np.ndarray | None:
