@@ -138,4 +138,4 @@ def test_label_map_follows_the_highest_score_rule(parity_runs, name: str) -> Non
     ours = parity_runs[name]["label_map"]
     official = official_label_map(name)
     assert ours.shape == official.shape and ours.dtype == np.uint8
-    assert float((ours == official).mean()) >= 0.9995
+    assert int((ours != official).sum()) <= 1e-4 * ours.size  # measured: 0 and 2 pixels
