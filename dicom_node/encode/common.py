@@ -111,6 +111,18 @@ class EncodeOptions:
             _check_lo(name, getattr(self, name))
 
 
+def equipment_kwargs(options: EncodeOptions) -> dict[str, str | None]:
+    """The General Equipment attributes (PS3.3 C.7.5.1) shared by SEG, SC and SR: the node is the device."""
+    return {
+        "manufacturer": options.manufacturer,
+        "manufacturer_model_name": options.manufacturer_model_name,
+        "software_versions": options.software_versions,
+        "device_serial_number": options.device_serial_number,
+        "institution_name": options.institution_name,
+        "institutional_department_name": options.institutional_department_name,
+    }
+
+
 def new_uid(options: EncodeOptions) -> str:
     """A new UID: under ``options.uid_prefix`` when given, else under highdicom's UID root."""
     if options.uid_prefix:
