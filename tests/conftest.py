@@ -46,3 +46,9 @@ def official_label_map(name: str) -> np.ndarray:
     for _, c, m in sorted(parts, key=lambda t: t[0]):
         label_map[m] = c
     return label_map
+
+# Fixtures of the node tests (Orthanc, the node as a subprocess): defined in tests/node_fixtures.py.
+from tests.node_fixtures import node_factory, node_port, orthanc, running_orthanc  # noqa: E402, F401
+
+# Fixtures of the web tests (the API's parser over the tiny model, a job store): tests/web_fixtures.py.
+from tests.web_fixtures import job_store, web_parser  # noqa: E402, F401

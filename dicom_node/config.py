@@ -1,0 +1,451 @@
+"""The node's one configuration model: a TOML file, overridden by ``DICOM_NODE_*`` environment variables.
+
+Everything the running node needs is here and validated before anything starts, so a typo in
+``node.toml`` stops the node with a message that names the key instead of surfacing hours later
+as a photo that went nowhere. Precedence, highest first: environment variables (nested keys with
+``__``, e.g. ``DICOM_NODE_DISPATCH__MAX_ATTEMPTS=5``; lists as JSON), the TOML file, the defaults
+below. ``config/node.example.toml`` explains every key.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+from pydicom.uid import (
+    JPEG2000,
+    UID,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+
+ENV_PREFIX = "DICOM_NODE_"
+ENV_NESTED_DELIMITER = "__"
+DEFAULT_CONFIG_PATH = Path("config/node.toml")
+CONFIG_PATH_ENV = "DICOM_NODE_CONFIG"
+
+VL_PHOTOGRAPHIC_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.77.1.4"
+# SOP classes whose pixel forms dicom_node.decode.photo handles; accepting anything else would
+# acknowledge objects the worker can only fail.
+DECODABLE_SOP_CLASSES: frozenset[str] = frozenset({
+    VL_PHOTOGRAPHIC_IMAGE_STORAGE,
+    "1.2.840.10008.5.1.4.1.1.77.1.1",  # VL Endoscopic Image Storage
+    "1.2.840.10008.5.1.4.1.1.77.1.2",  # VL Microscopic Image Storage
+    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image Storage
+})
+# Transfer syntaxes the photo decoder reads (with the pinned pylibjpeg/pyjpegls plugins).
+DECODABLE_TRANSFER_SYNTAXES: tuple[str, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+)
+SENDER = "@sender"  # in routing.rules[].send_to: the destination configured for the calling AE
+
+_AE_MAX = 16  # VR AE: at most 16 characters (PS3.5 6.2)
+_PORT_MAX = 65535
+
+# The TOML file the current load reads; a context variable so that loading is re-entrant.
+_toml_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar("dicom_node_toml_path", default=None)
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the key and says what is wrong."""
+
+
+def _check_ae_title(value: str) -> str:
+    """AE titles (VR AE): 1..16 characters of the default repertoire, no backslash, not all spaces."""
+    stripped = value.strip()
+    if not stripped:
+        raise ValueError("an AE title cannot be empty")
+    if len(value) > _AE_MAX:
+        raise ValueError(f"AE title {value!r} is {len(value)} characters long; DICOM allows {_AE_MAX}")
+    if "\\" in value or any(ord(c) < 0x20 or ord(c) > 0x7E for c in value):
+        raise ValueError(f"AE title {value!r} may only hold printable ASCII characters and no backslash")
+    return stripped
+
+
+def _uid_from_name(value: str, what: str) -> str:
+    """Accept a UID or pydicom's keyword for it ('JPEGBaseline8Bit'), return the UID."""
+    value = value.strip()
+    if value and value[0].isdigit():
+        return value
+    import pydicom.uid as uids
+
+    uid = getattr(uids, value, None)
+    if isinstance(uid, UID):
+        return str(uid)
+    raise ValueError(f"{value!r} is neither a {what} UID nor a pydicom name of one")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IntakeSettings(_Section):
+    """What the C-STORE SCP negotiates and how long it waits."""
+
+    accepted_sop_classes: list[str] = Field(default_factory=lambda: [VL_PHOTOGRAPHIC_IMAGE_STORAGE])
+    accepted_transfer_syntaxes: list[str] = Field(default_factory=lambda: list(DECODABLE_TRANSFER_SYNTAXES))
+    max_associations: int = Field(default=10, ge=1, le=256)
+    max_pdu_bytes: int = Field(default=0, ge=0, description="0: no limit (fewest PDUs, fastest intake)")
+    acse_timeout_s: float = Field(default=30.0, gt=0)
+    dimse_timeout_s: float = Field(default=60.0, gt=0)
+    network_timeout_s: float = Field(default=60.0, gt=0)
+    max_pixels: int = Field(default=100_000_000, ge=1)
+
+    @field_validator("accepted_sop_classes")
+    @classmethod
+    def _sop_classes(cls, values: list[str]) -> list[str]:
+        out = [_uid_from_name(v, "SOP class") for v in values]
+        if not out:
+            raise ValueError("at least one SOP class must be accepted")
+        for uid in out:
+            if uid not in DECODABLE_SOP_CLASSES:
+                names = ", ".join(sorted(UID(u).name for u in DECODABLE_SOP_CLASSES))
+                raise ValueError(f"SOP class {uid} ({UID(uid).name}) cannot be decoded here; choose from {names}")
+        return list(dict.fromkeys(out))
+
+    @field_validator("accepted_transfer_syntaxes")
+    @classmethod
+    def _transfer_syntaxes(cls, values: list[str]) -> list[str]:
+        out = [_uid_from_name(v, "transfer syntax") for v in values]
+        if not out:
+            raise ValueError("at least one transfer syntax must be accepted")
+        from pydicom.pixels import get_decoder
+
+        for uid in out:
+            if uid not in DECODABLE_TRANSFER_SYNTAXES:
+                raise ValueError(f"transfer syntax {uid} ({UID(uid).name}) is not one the photo decoder reads")
+            if not get_decoder(UID(uid)).is_available:
+                raise ValueError(f"no decoder plugin is installed for transfer syntax {uid} ({UID(uid).name})")
+        return list(dict.fromkeys(out))
+
+
+class Caller(_Section):
+    """A modality or PACS allowed to open associations with the node."""
+
+    ae_title: str
+    host: str | None = Field(default=None, description="pin: only associations from this address")
+    return_to: str | None = Field(default=None, description="destination name that '@sender' means")
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return _check_ae_title(value)
+
+
+class Destination(_Section):
+    """A peer the node sends results to by C-STORE."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    ae_title: str
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=_PORT_MAX)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return _check_ae_title(value)
+
+
+class RoutingRule(_Section):
+    """Which received photos a rule takes and where their results go; the first rule that matches wins."""
+
+    name: str = Field(min_length=1)
+    calling_ae_titles: list[str] = Field(default_factory=list, description="empty: any allowed caller")
+    match: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="DICOM keyword -> accepted values (shell patterns, case-insensitive); all keywords must match",
+    )
+    process: bool = Field(default=True, description="false: matching photos are kept but not parsed")
+    send_to: list[str] = Field(default_factory=lambda: [SENDER])
+
+    @field_validator("calling_ae_titles")
+    @classmethod
+    def _callers(cls, values: list[str]) -> list[str]:
+        return [_check_ae_title(v) for v in values]
+
+    @field_validator("match")
+    @classmethod
+    def _keywords(cls, match: dict[str, list[str]]) -> dict[str, list[str]]:
+        from pydicom.datadict import tag_for_keyword
+
+        for keyword, values in match.items():
+            if tag_for_keyword(keyword) is None:
+                raise ValueError(f"match key {keyword!r} is not a DICOM keyword (e.g. Modality, BodyPartExamined)")
+            if not values:
+                raise ValueError(f"match.{keyword} lists no value; use [\"*\"] to require any value")
+        return match
+
+
+class RoutingSettings(_Section):
+    rules: list[RoutingRule] = Field(default_factory=lambda: [RoutingRule(name="photos-back-to-sender")])
+
+
+class WorkerSettings(_Section):
+    """The processing stage: worker processes, each holding the model once."""
+
+    count: int = Field(default=1, ge=0, le=64, description="0: accept and queue only, process nothing")
+    torch_threads: int = Field(default=0, ge=0, description="per worker; 0: CPU cores / count")
+    max_attempts: int = Field(default=3, ge=1, description="tries of one photo when its worker dies or the disk fails")
+    poll_interval_s: float = Field(default=0.1, gt=0)
+    restart_delay_s: float = Field(default=1.0, gt=0, description="first wait before restarting a dead worker")
+    max_restart_delay_s: float = Field(default=60.0, gt=0)
+    deaths_before_not_ready: int = Field(default=3, ge=1, description="worker deaths within 5 minutes")
+    model_retry_interval_s: float = Field(default=60.0, gt=0, description="wait before loading a failed model again")
+    not_ready_log_interval_s: float = Field(default=60.0, gt=0)
+
+
+class DispatchSettings(_Section):
+    """The sending stage and its retry policy (exponential backoff, persisted in the job store)."""
+
+    max_attempts: int = Field(default=10, ge=1)
+    backoff_initial_s: float = Field(default=5.0, gt=0)
+    backoff_factor: float = Field(default=2.0, ge=1)
+    backoff_max_s: float = Field(default=600.0, gt=0)
+    concurrency: int = Field(default=2, ge=1, le=32)
+    poll_interval_s: float = Field(default=0.1, gt=0)
+    timeout_s: float = Field(default=60.0, gt=0, description="ACSE, DIMSE and network timeouts of one send")
+    lease_s: float = Field(default=600.0, gt=0, description="how long a send may hold a job before others may")
+
+
+class ResultsSettings(_Section):
+    """How the SEG, SC and SR are labelled (passed to dicom_node.encode)."""
+
+    sc_jpeg: bool = Field(default=False, description="send the overlay JPEG compressed (lossy, ~10x smaller)")
+    include_person_segments: bool = True
+    institution_name: str | None = Field(default=None, max_length=64)
+    uid_prefix: str | None = Field(default=None, pattern=r"^[0-9]+(\.[0-9]+)*\.$")
+
+
+def _default_node_id() -> str:
+    return socket.gethostname() or "node"
+
+
+class NodeConfig(BaseSettings):
+    """The whole node configuration. Build it with :func:`load_config`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
+        extra="forbid",
+        frozen=True,
+        case_sensitive=False,
+    )
+
+    node_id: str = Field(default_factory=_default_node_id, min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    ae_title: str = "DICOM_NODE"
+    bind_address: str = "127.0.0.1"
+    port: int = Field(default=11112, ge=1, le=_PORT_MAX)
+    data_dir: Path = Path("data")
+    model_dir: Path = Path("models/m2fp")
+    auto_fetch_model: bool = True
+    log_level: str = "INFO"
+    intake: IntakeSettings = Field(default_factory=IntakeSettings)
+    callers: list[Caller] = Field(default_factory=list)
+    destinations: list[Destination] = Field(default_factory=list)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
+    results: ResultsSettings = Field(default_factory=ResultsSettings)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return _check_ae_title(value)
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        value = value.upper()
+        if value not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise ValueError(f"log level {value!r} is not DEBUG, INFO, WARNING, ERROR or CRITICAL")
+        return value
+
+    @model_validator(mode="after")
+    def _references(self) -> NodeConfig:
+        """Cross-key checks: every name a rule or caller uses must exist, '@sender' must resolve."""
+        names = [d.name for d in self.destinations]
+        for i, name in enumerate(names):
+            if names.index(name) != i:
+                raise ValueError(f"destinations[{i}].name: {name!r} is used twice")
+        known = set(names)
+        callers = [c.ae_title for c in self.callers]
+        for i, ae in enumerate(callers):
+            if callers.index(ae) != i and self.callers[i].host == self.callers[callers.index(ae)].host:
+                raise ValueError(f"callers[{i}].ae_title: {ae!r} is listed twice for the same host")
+        for i, caller in enumerate(self.callers):
+            if caller.return_to is not None and caller.return_to not in known:
+                raise ValueError(f"callers[{i}].return_to: no destination is named {caller.return_to!r}")
+        for r, rule in enumerate(self.routing.rules):
+            for d, target in enumerate(rule.send_to):
+                if target != SENDER and target not in known:
+                    raise ValueError(
+                        f"routing.rules[{r}].send_to[{d}]: no destination is named {target!r} "
+                        f"(known: {sorted(known) or 'none'}; '{SENDER}' means the calling AE's own entry)"
+                    )
+            if rule.process and SENDER in rule.send_to:
+                for i, caller in enumerate(self.callers):
+                    applies = not rule.calling_ae_titles or caller.ae_title in rule.calling_ae_titles
+                    if applies and self.sender_destination(caller) is None:
+                        raise ValueError(
+                            f"callers[{i}] ({caller.ae_title}): routing.rules[{r}] sends results back to the "
+                            f"sender, but no destination stands for it: set callers[{i}].return_to or add a "
+                            f"destination with ae_title {caller.ae_title!r}"
+                        )
+            for ae in rule.calling_ae_titles:
+                if ae not in callers:
+                    raise ValueError(f"routing.rules[{r}].calling_ae_titles: {ae!r} is not in callers")
+        return self
+
+    # ---------------------------------------------------------------- look-ups
+
+    def destination(self, name: str) -> Destination:
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        raise KeyError(f"no destination named {name!r}")
+
+    def sender_destination(self, caller: Caller) -> Destination | None:
+        """The destination that results go to when a rule says '@sender' for this caller."""
+        if caller.return_to is not None:
+            return self.destination(caller.return_to)
+        for dest in self.destinations:
+            if dest.ae_title == caller.ae_title and (caller.host is None or dest.host == caller.host):
+                return dest
+        return None
+
+    def caller(self, ae_title: str, host: str | None) -> Caller | None:
+        """The caller entry that admits ``ae_title`` from ``host``, or None (association rejected)."""
+        for caller in self.callers:
+            if caller.ae_title == ae_title.strip() and (caller.host is None or host is None or caller.host == host):
+                return caller
+        return None
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def job_db_path(self) -> Path:
+        return self.data_dir / "jobs.sqlite3"
+
+    @property
+    def health_path(self) -> Path:
+        return self.data_dir / "health.json"
+
+    # ---------------------------------------------------------------- sources
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Environment over TOML over defaults; no .env or secrets directory (one place to look)."""
+        path = _toml_path.get()
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+
+def _format_location(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _env_name(key: str) -> str | None:
+    """The environment variable that set ``key`` (a dotted path), if one is set."""
+    if not key or "[" in key:
+        return None
+    parts = key.split(".")
+    for n in range(len(parts), 0, -1):
+        name = ENV_PREFIX + ENV_NESTED_DELIMITER.join(parts[:n]).upper()
+        if name in os.environ:
+            return name
+    return None
+
+
+def _explain(exc: ValidationError, source: str) -> str:
+    lines = []
+    for error in exc.errors(include_url=False):
+        loc = tuple(p for p in error["loc"] if p not in ("function-after[_references()]",))
+        key = _format_location(loc)
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown key (see config/node.example.toml for the keys there are)"
+        env = _env_name(key)
+        origin = f" (set by {env})" if env else ""
+        value = error.get("input")
+        quiet = error["type"] in ("extra_forbidden", "missing") or isinstance(value, dict)
+        shown = "" if quiet else f" (got {value!r})"
+        lines.append(f"{key}{origin}: {message}{shown}" if loc else f"{message}")
+    return f"invalid configuration in {source}:\n  " + "\n  ".join(lines)
+
+
+def load_config(path: str | os.PathLike[str] | None = None, *, required: bool | None = None) -> NodeConfig:
+    """Read ``path`` (default: $DICOM_NODE_CONFIG, else config/node.toml), apply the environment, validate.
+
+    A path named explicitly must exist; the default one may be missing (defaults and environment
+    then make the whole configuration). Raises :class:`ConfigError` naming every bad key.
+    """
+    explicit = path is not None or CONFIG_PATH_ENV in os.environ
+    chosen = Path(path if path is not None else os.environ.get(CONFIG_PATH_ENV, DEFAULT_CONFIG_PATH))
+    must_exist = explicit if required is None else required
+    if not chosen.is_file():
+        if must_exist:
+            raise ConfigError(f"configuration file {chosen} does not exist")
+        toml_file: Path | None = None
+    else:
+        toml_file = chosen
+        try:
+            with open(chosen, "rb") as fh:
+                tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"configuration file {chosen} is not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read configuration file {chosen}: {exc.strerror or exc}") from None
+    token = _toml_path.set(toml_file)
+    try:
+        return NodeConfig()
+    except ValidationError as exc:
+        source = f"{chosen} and DICOM_NODE_* variables" if toml_file else "DICOM_NODE_* variables and defaults"
+        raise ConfigError(_explain(exc, source)) from None
+    finally:
+        _toml_path.reset(token)

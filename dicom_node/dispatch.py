@@ -1,0 +1,133 @@
+"""Dispatch: send each job's spooled SEG, SC and SR to its destinations, retrying with backoff.
+
+The retry schedule lives in the job record (``dispatch_attempts``, ``not_before``), not in memory,
+so a node restarted in the middle of a PACS outage resumes exactly where it stopped. Each object
+delivered to a destination is recorded at once, so a later attempt sends only what is missing,
+and the result objects keep their UIDs across attempts: a PACS that did receive an object whose
+acknowledgement was lost stores it once. Past ``dispatch.max_attempts`` the job waits in FAILED
+until a person runs ``dicom-node jobs retry``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from dicom_node.config import DispatchSettings, NodeConfig
+from dicom_node.logs import fields
+from dicom_node.net.scu import AssociationError, StoreOutcome, store_files
+from dicom_node.net.spool import Spool
+from dicom_node.queue.job import Job
+from dicom_node.queue.store import JobStore, StaleJobError
+
+log = logging.getLogger(__name__)
+
+
+def backoff_delay_s(failed_attempts: int, policy: DispatchSettings) -> float:
+    """Wait after the ``failed_attempts``-th failure: initial x factor^(n-1), capped at the maximum."""
+    exponent = max(0, failed_attempts - 1)
+    try:
+        delay = policy.backoff_initial_s * policy.backoff_factor ** exponent
+    except OverflowError:
+        delay = policy.backoff_max_s
+    return min(policy.backoff_max_s, delay)
+
+
+class Dispatcher:
+    """``dispatch.concurrency`` threads sending due jobs."""
+
+    def __init__(self, config: NodeConfig, store: JobStore, spool: Spool) -> None:
+        self.config = config
+        self.store = store
+        self.spool = spool
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def owner_prefix(self) -> str:
+        return f"{self.config.node_id}/dispatch-"
+
+    def start(self) -> None:
+        for index in range(self.config.dispatch.concurrency):
+            owner = f"{self.owner_prefix()}{index}/"
+            thread = threading.Thread(target=self._loop, args=(owner,), name=f"dispatch-{index}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop taking jobs; a send in progress finishes or is abandoned (its lease is released at start)."""
+        self._stop.set()
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+
+    def _loop(self, owner: str) -> None:
+        poll_s = self.config.dispatch.poll_interval_s
+        while not self._stop.is_set():
+            try:
+                job = self.store.claim_for_dispatch(owner, self.config.dispatch.lease_s)
+            except Exception as exc:
+                log.error(fields(event="dispatch.claim_failed", reason=f"{type(exc).__name__}: {exc}"))
+                self._stop.wait(max(poll_s, 1.0))
+                continue
+            if job is None:
+                self._stop.wait(poll_s)
+                continue
+            try:
+                self.dispatch(job, owner)
+            except StaleJobError as exc:
+                log.warning(fields(event="dispatch.stale_job", job=job.id, reason=str(exc)))
+            except Exception:  # never let one job stop the dispatcher
+                log.exception(fields(event="dispatch.error", job=job.id))
+                try:
+                    self._failed(job, owner, ["internal error while sending (see the log)"])
+                except Exception:
+                    log.exception(fields(event="dispatch.error", job=job.id))
+
+    def dispatch(self, job: Job, owner: str) -> Job:
+        """One attempt: send what each destination still lacks, then DONE or schedule the next attempt."""
+        errors: list[str] = []
+        for name in job.destinations:
+            pending = job.pending(name)
+            if not pending:
+                continue
+            try:
+                destination = self.config.destination(name)
+            except KeyError:
+                errors.append(f"{name}: no destination of that name in the configuration")
+                continue
+
+            def delivered(outcome: StoreOutcome, name: str = name) -> None:
+                self.store.record_delivery(job.id, owner, name, outcome.sop_instance_uid)
+
+            started = time.perf_counter()
+            try:
+                outcomes = store_files(destination, [self.spool.path(r.path) for r in pending], self.config.ae_title,
+                                       timeout_s=self.config.dispatch.timeout_s, on_stored=delivered)
+            except AssociationError as exc:
+                errors.append(f"{name}: {exc}")
+                continue
+            except (OSError, ValueError) as exc:
+                errors.append(f"{name}: {type(exc).__name__}: {exc}")
+                continue
+            failed = [o for o in outcomes if not o.stored]
+            if failed:
+                errors.append(f"{name}: {len(failed)} of {len(outcomes)} objects not stored ({failed[0].describe()})")
+            else:
+                log.info(fields(event="dispatch.sent", job=job.id, destination=name, objects=len(outcomes),
+                                seconds=f"{time.perf_counter() - started:.3f}"))
+        if not errors:
+            return self.store.dispatch_succeeded(job.id, owner)
+        return self._failed(job, owner, errors)
+
+    def _failed(self, job: Job, owner: str, errors: list[str]) -> Job:
+        policy = self.config.dispatch
+        attempt = job.dispatch_attempts + 1
+        what = "; ".join(errors)
+        if attempt >= policy.max_attempts:
+            reason = (f"gave up after {attempt} dispatch attempts: {what}. "
+                      f"Run `dicom-node jobs retry {job.id}` once the destination works")
+            return self.store.dispatch_failed(job.id, owner, reason, None)
+        delay = backoff_delay_s(attempt, policy)
+        reason = f"dispatch attempt {attempt} of {policy.max_attempts} failed: {what}; next attempt in {delay:.1f} s"
+        return self.store.dispatch_failed(job.id, owner, reason, time.time() + delay)

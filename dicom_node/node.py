@@ -1,0 +1,199 @@
+"""``dicom-node serve``: the stages wired together.
+
+    intake (net.scp) -> job store (queue) -> workers (pipeline) -> job store -> dispatch -> PACS
+
+Each stage talks to the others only through the job store and the spool, so each can stop and
+restart on its own, and at start every job an earlier run left mid-way (received, parsing,
+encoding, dispatching) simply continues: processing jobs held by this node's dead workers go back
+to the queue, dispatch leases are dropped, due retries run.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+from dicom_node.config import NodeConfig
+from dicom_node.dispatch import Dispatcher
+from dicom_node.health import Health
+from dicom_node.logs import fields
+from dicom_node.net.scp import IntakeSCP
+from dicom_node.net.spool import Spool
+from dicom_node.pipeline.supervisor import WorkerPool
+from dicom_node.queue.job import JobState
+from dicom_node.queue.store import JobStore, open_job_store
+
+log = logging.getLogger("dicom_node.node")
+
+EXIT_OK = 0
+EXIT_CANNOT_START = 1
+MODELSCOPE_HUB_HOST = "modelscope.cn"  # where `model fetch` downloads from (modelscope's default domain)
+DNS_TIMEOUT_S = 5.0
+
+
+class NodeStartError(RuntimeError):
+    """The node cannot start; the message tells the administrator what to do."""
+
+
+def _resolves(host: str, timeout_s: float = DNS_TIMEOUT_S) -> bool:
+    """Whether ``host`` resolves within ``timeout_s``: the quick offline test before a download
+    library spends half a minute importing itself and retrying."""
+    outcome: list[bool] = []
+
+    def lookup() -> None:
+        try:
+            socket.getaddrinfo(host, 443)
+            outcome.append(True)
+        except OSError:
+            outcome.append(False)
+
+    thread = threading.Thread(target=lookup, name="dns-probe", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return bool(outcome and outcome[0])
+
+
+def model_present(model_dir: Path) -> bool:
+    from dicom_node.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+
+    return (model_dir / CONFIG_FILE).is_file() and (model_dir / WEIGHTS_FILE).is_file()
+
+
+def ensure_model(config: NodeConfig) -> None:
+    """Make sure a model directory is there, fetching it when allowed; raise :class:`NodeStartError` if not.
+
+    A model that is present but broken is not checked here: the workers report that, and the node
+    keeps receiving (not ready) until it is fixed.
+    """
+    model_dir = config.model_dir
+    if model_present(model_dir):
+        return
+    how = (
+        f"Fetch the weights with `dicom-node model fetch --dir {model_dir}` on a machine that reaches the "
+        "ModelScope hub (needs `pip install '.[fetch]'`) and copy the directory here, or point model_dir "
+        "(DICOM_NODE_MODEL_DIR) at an existing one; for tests only, "
+        f"`dicom-node model make-test --dir {model_dir}` writes an UNTRAINED model."
+    )
+    if not config.auto_fetch_model:
+        raise NodeStartError(f"no M2FP model in {model_dir} (configuration.json and pytorch_model.pt). {how}")
+    hub = os.environ.get("MODELSCOPE_DOMAIN", MODELSCOPE_HUB_HOST)
+    if not _resolves(hub):
+        raise NodeStartError(f"no M2FP model in {model_dir}, and this machine is offline (cannot resolve {hub}, "
+                             f"so `dicom-node model fetch` cannot work here). {how}")
+    log.info(fields(event="model.fetching", model_dir=model_dir))
+    from dicom_node.model.fetch import FetchError, fetch_model
+
+    try:
+        fetch_model(model_dir)
+    except FetchError as exc:
+        # the first clause only ("cannot download ... from the ModelScope hub"): the library's own
+        # retry chatter is already in the log above
+        what = str(exc).split(" (")[0].split(". ")[0]
+        cause = f", {type(exc.__cause__).__name__}" if exc.__cause__ is not None else ""
+        raise NodeStartError(f"no M2FP model in {model_dir}, and fetching it failed ({what}{cause}). {how}") from exc
+
+
+def recover(config: NodeConfig, store: JobStore) -> list[int]:
+    """Release what this node held when it last stopped, so every interrupted job resumes."""
+    released = store.release_owner(f"{config.node_id}/", "the node stopped while this job was in progress",
+                                   config.worker.max_attempts)
+    counts = store.counts()
+    log.info(fields(event="node.recovered", released=len(released),
+                    **{state.value: counts[state] for state in JobState if counts[state]}))
+    return [job.id for job in released]
+
+
+class Node:
+    """One running node: intake, workers, dispatch and health around one job store."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.spool = Spool(config.data_dir)
+        self.store: JobStore | None = None
+        self.health: Health | None = None
+        self.intake: IntakeSCP | None = None
+        self.workers: WorkerPool | None = None
+        self.dispatcher: Dispatcher | None = None
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        config = self.config
+        self.spool.prepare()
+        store = self.store = open_job_store(config)
+        recover(config, store)
+
+        def waiting() -> int:
+            counts = store.counts()
+            return counts[JobState.RECEIVED] + counts[JobState.PARSING] + counts[JobState.ENCODING]
+
+        # Nothing is written to health.json before the workers have said "loading the model":
+        # a reader must never see a node that is ready before it can process anything.
+        self.health = Health(config.health_path, config.worker.not_ready_log_interval_s, waiting)
+        self.intake = IntakeSCP(config, store, self.spool)
+        try:
+            self.intake.start()
+        except OSError as exc:
+            store.close()
+            raise NodeStartError(f"cannot listen on {config.bind_address}:{config.port}: {exc.strerror or exc}. "
+                                 "Is another node or PACS using that port?") from exc
+        self.workers = WorkerPool(config, store, self.health)
+        self.workers.start()
+        self.health.set_info(ae_title=config.ae_title, port=self.intake.port, node_id=config.node_id)
+        self.dispatcher = Dispatcher(config, store, self.spool)
+        self.dispatcher.start()
+        self.health.start()
+        log.info(fields(event="node.started", ae_title=config.ae_title, address=config.bind_address,
+                        port=self.intake.port, workers=config.worker.count, data_dir=config.data_dir))
+
+    def stop(self) -> None:
+        """Stop intake first (peers keep what we no longer acknowledge), then workers and dispatch."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        log.info(fields(event="node.stopping"))
+        for stage in (self.intake, self.workers, self.dispatcher, self.health):
+            if stage is not None:
+                try:
+                    stage.stop()
+                except Exception:
+                    log.exception(fields(event="node.stop_error", stage=type(stage).__name__))
+        if self.store is not None:
+            self.store.close()
+        log.info(fields(event="node.stopped"))
+
+
+def serve(config: NodeConfig) -> int:
+    """Run the node until SIGTERM or SIGINT. Returns the process exit code."""
+    try:
+        ensure_model(config)
+        node = Node(config)
+        node.start()
+    except NodeStartError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_START
+
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: object) -> None:
+        log.info(fields(event="node.signal", signal=signal.Signals(signum).name))
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    # `kill -USR1 <pid>` writes every thread's stack to the log: how to see where a node is stuck.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    try:
+        while not stop.is_set():
+            stop.wait(1.0)
+    finally:
+        started = time.monotonic()
+        node.stop()
+        log.info(fields(event="node.exit", shutdown_s=f"{time.monotonic() - started:.2f}"))
+    return EXIT_OK

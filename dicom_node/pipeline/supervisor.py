@@ -1,0 +1,205 @@
+"""The worker pool: ``worker.count`` worker processes, kept alive.
+
+* A worker that dies is restarted, after a delay that doubles while deaths keep coming (up to
+  ``worker.max_restart_delay_s``); the job it held goes back to the queue, or ends FAILED once it
+  has cost ``worker.max_attempts`` workers (a photo that crashes the decoder must not do so forever).
+* A worker that cannot load the model exits with a code of its own; the model is tried again every
+  ``worker.model_retry_interval_s`` (an administrator may fix the files without restarting the node).
+* Either way the node is marked not ready (see :mod:`dicom_node.health`) while processing is impossible;
+  intake is not affected.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+
+from dicom_node.config import NodeConfig
+from dicom_node.health import Health
+from dicom_node.logs import fields
+from dicom_node.pipeline.worker import EXIT_MODEL_UNAVAILABLE, WorkerMessage, worker_main
+from dicom_node.queue.store import JobStore
+
+log = logging.getLogger(__name__)
+
+DEATH_WINDOW_S = 300.0  # deaths counted for readiness and restart delays
+MONITOR_INTERVAL_S = 0.2
+STOP_GRACE_S = 10.0  # a worker finishing its photo gets this long before it is killed
+PROBLEM_MODEL = "model"
+PROBLEM_WORKERS = "workers"
+
+
+@dataclass
+class _Slot:
+    index: int
+    process: BaseProcess | None = None
+    messages: Connection | None = None  # read end of this worker's message pipe
+    owner: str = ""
+    generation: int = 0
+    next_start: float = 0.0
+    deaths: deque[float] = field(default_factory=deque)
+
+
+class WorkerPool:
+    """Starts, watches and restarts the worker processes of one node."""
+
+    def __init__(self, config: NodeConfig, store: JobStore, health: Health) -> None:
+        self.config = config
+        self.store = store
+        self.health = health
+        self._ctx = multiprocessing.get_context("spawn")  # no fork: the node process runs threads
+        # Never written: closing our end (or dying) tells every worker to stop (see worker.py).
+        self._stop_read, self._stop_write = self._ctx.Pipe(duplex=False)
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._slots = [_Slot(index=i) for i in range(config.worker.count)]
+        self._thread: threading.Thread | None = None
+
+    def owner_prefix(self) -> str:
+        """Every worker owner name of this node starts with this (see the job store's recovery)."""
+        return f"{self.config.node_id}/worker-"
+
+    @property
+    def pids(self) -> list[int]:
+        return [s.process.pid for s in self._slots if s.process is not None and s.process.is_alive()
+                and s.process.pid is not None]
+
+    def start(self) -> None:
+        if not self._slots:
+            self.health.set_problem(PROBLEM_WORKERS, "worker.count is 0: photos are queued but never processed")
+        else:
+            self.health.set_problem(PROBLEM_MODEL, "the workers are loading the model", log_now=False)
+        self._thread = threading.Thread(target=self._monitor, name="worker-pool", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ask workers to finish their current photo, then kill what is still running.
+
+        The monitor thread (which spawned the workers) ends last: Linux's parent-death signal
+        follows the spawning thread, and would kill the workers mid-photo otherwise."""
+        with self._lock:
+            self._stopping.set()
+            self._stop_write.close()
+        deadline = time.monotonic() + STOP_GRACE_S
+        for slot in self._slots:
+            process = slot.process
+            if process is not None:
+                process.join(timeout=max(0.0, deadline - time.monotonic()))
+                if process.is_alive():
+                    log.warning(fields(event="worker.killed", slot=slot.index, pid=process.pid,
+                                       reason="did not stop in time"))
+                    process.kill()
+                    process.join(timeout=5)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        for slot in self._slots:
+            if slot.messages is not None:
+                slot.messages.close()
+
+    # ------------------------------------------------------------------ monitoring
+
+    def _start_slot(self, slot: _Slot) -> None:
+        slot.generation += 1
+        slot.owner = f"{self.owner_prefix()}{slot.index}-{slot.generation}/"
+        if slot.messages is not None:
+            slot.messages.close()
+        messages_read, messages_write = self._ctx.Pipe(duplex=False)
+        process = self._ctx.Process(
+            target=worker_main,
+            args=(self.config, slot.index, slot.owner, messages_write, self._stop_read, os.getpid()),
+            name=f"dicom-node-worker-{slot.index}",
+            daemon=True,
+        )
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            process.start()
+        messages_write.close()  # the worker holds it now; EOF tells us it is gone
+        slot.messages = messages_read
+        slot.process = process
+        self.health.set_worker(f"worker-{slot.index}", pid=process.pid, state="starting", owner=slot.owner)
+        log.info(fields(event="worker.spawned", slot=slot.index, pid=process.pid, generation=slot.generation))
+
+    def _monitor(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._drain_messages()
+                now = time.monotonic()
+                for slot in self._slots:
+                    self._check_slot(slot, now)
+                self._update_readiness(now)
+            except Exception:  # the supervisor must outlive its own bugs
+                log.exception(fields(event="worker_pool.error"))
+            self._stopping.wait(MONITOR_INTERVAL_S)
+
+    def _drain_messages(self) -> None:
+        for slot in self._slots:
+            while slot.messages is not None:
+                try:
+                    if not slot.messages.poll(0):
+                        break
+                    message: WorkerMessage = slot.messages.recv()
+                except (EOFError, OSError):  # the worker exited; _check_slot handles that
+                    slot.messages.close()
+                    slot.messages = None
+                    break
+                self._handle(message)
+
+    def _handle(self, message: WorkerMessage) -> None:
+        name = f"worker-{message.slot}"
+        if message.kind == "ready":
+            self.health.set_worker(name, pid=message.pid, state="ready", model=message.detail)
+            self.health.clear_problem(PROBLEM_MODEL)
+        elif message.kind == "model_error":
+            self.health.set_worker(name, pid=message.pid, state="no model", reason=message.detail)
+            self.health.set_problem(PROBLEM_MODEL, f"the model in {self.config.model_dir} cannot be loaded: "
+                                                   f"{message.detail}")
+
+    def _check_slot(self, slot: _Slot, now: float) -> None:
+        process = slot.process
+        if process is not None and not process.is_alive():
+            process.join(timeout=0)
+            code = process.exitcode
+            slot.process = None
+            if self._stopping.is_set():
+                return
+            if code == EXIT_MODEL_UNAVAILABLE:
+                slot.next_start = now + self.config.worker.model_retry_interval_s
+                self.health.set_worker(f"worker-{slot.index}", pid=None, state="waiting for the model")
+            else:
+                self._record_death(slot, code, now)
+        if slot.process is None and now >= slot.next_start and not self._stopping.is_set():
+            self._start_slot(slot)
+
+    def _record_death(self, slot: _Slot, code: int | None, now: float) -> None:
+        reason = f"worker {slot.index} died (exit code {code})"
+        released = self.store.release_owner(slot.owner, reason, self.config.worker.max_attempts)
+        slot.deaths.append(now)
+        while slot.deaths and now - slot.deaths[0] > DEATH_WINDOW_S:
+            slot.deaths.popleft()
+        cfg = self.config.worker
+        delay = min(cfg.max_restart_delay_s, cfg.restart_delay_s * 2 ** (len(slot.deaths) - 1))
+        slot.next_start = now + delay
+        log.error(fields(event="worker.died", slot=slot.index, exit_code=code, released_jobs=len(released),
+                         restart_in_s=f"{delay:.1f}"))
+        self.health.set_worker(f"worker-{slot.index}", pid=None, state="restarting", last_exit_code=code)
+
+    def _update_readiness(self, now: float) -> None:
+        if not self._slots:
+            return
+        for slot in self._slots:
+            while slot.deaths and now - slot.deaths[0] > DEATH_WINDOW_S:
+                slot.deaths.popleft()
+        deaths = sum(len(s.deaths) for s in self._slots)
+        if deaths >= self.config.worker.deaths_before_not_ready:
+            self.health.set_problem(PROBLEM_WORKERS, f"workers keep dying ({deaths} deaths in the last "
+                                                     f"{DEATH_WINDOW_S / 60:.0f} minutes)")
+        else:
+            self.health.clear_problem(PROBLEM_WORKERS)

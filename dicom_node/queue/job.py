@@ -1,0 +1,91 @@
+"""Job states and records: what the node knows about one received photo.
+
+A job is created when a photo is acknowledged and is never deleted by the node: its record is how
+a PACS administrator learns what arrived, what was done and, when something failed, why.
+
+State flow (PS: one photo in, three result objects out)::
+
+    received -> parsing -> encoding -> dispatching -> done
+         \\________\\__________\\____________\\-------> failed   (reason set; `jobs retry` re-opens)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class JobState(StrEnum):
+    RECEIVED = "received"  # spooled and committed; waiting for a worker
+    PARSING = "parsing"  # a worker decodes and parses the photo
+    ENCODING = "encoding"  # a worker builds SEG, SC and SR and spools them
+    DISPATCHING = "dispatching"  # results spooled; being sent, or waiting for the next attempt
+    DONE = "done"  # every result delivered (or nothing to do: see reason)
+    FAILED = "failed"  # stopped with a reason; waits for a person (`dicom-node jobs retry`)
+
+
+# States in which a worker owns the job (released to RECEIVED when the worker is gone).
+PROCESSING_STATES: frozenset[JobState] = frozenset({JobState.PARSING, JobState.ENCODING})
+FINAL_STATES: frozenset[JobState] = frozenset({JobState.DONE, JobState.FAILED})
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """What intake knows when it commits a received photo."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    calling_ae: str
+    calling_host: str
+    photo_path: str  # relative to the data directory
+
+
+@dataclass(frozen=True)
+class ResultObject:
+    """One spooled result object (``kind``: seg, sc or sr) waiting to be, or already, delivered."""
+
+    kind: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    path: str  # relative to the data directory
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    calling_ae: str
+    calling_host: str
+    photo_path: str
+    state: JobState
+    attempts: int  # processing attempts started (claims by a worker)
+    dispatch_attempts: int  # dispatch attempts that failed since the results were made
+    not_before: float | None  # epoch seconds: no attempt before this time (backoff)
+    owner: str | None  # the worker or dispatcher holding the job
+    reason: str | None  # why it failed, or a note on how it ended or why it waits
+    destinations: tuple[str, ...]  # where the routing sends the results
+    rule: str | None  # the routing rule that took the photo
+    parse_s: float | None  # parsing time of the last successful parse
+    received_at: float
+    updated_at: float
+    results: tuple[ResultObject, ...] = ()
+    deliveries: frozenset[tuple[str, str]] = field(default_factory=frozenset)  # (destination, SOP Instance UID)
+
+    def pending(self, destination: str) -> list[ResultObject]:
+        """Result objects not yet delivered to ``destination``, in sending order."""
+        return [r for r in self.results if (destination, r.sop_instance_uid) not in self.deliveries]
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One line of a job's history: a state transition, or a note within a state (retry scheduled)."""
+
+    job_id: int
+    at: float
+    from_state: JobState | None
+    to_state: JobState
+    reason: str | None

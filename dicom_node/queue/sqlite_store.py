@@ -1,0 +1,451 @@
+"""The embedded job store: one SQLite file in WAL mode, shared by the node and its worker processes.
+
+WAL lets readers (the CLI, polling workers) run while one writer commits, and
+``synchronous=FULL`` makes a commit durable when it returns: intake acknowledges a photo only after
+that. Each thread uses its own connection (sqlite3 connections are not shared across threads);
+each process opens its own store. Writes take ``BEGIN IMMEDIATE`` so a claim's read and update are
+one atomic step across processes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from dicom_node.queue.job import PROCESSING_STATES, Job, JobEvent, JobState, NewJob, ResultObject
+from dicom_node.queue.store import JobNotFoundError, JobStore, StaleJobError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_S = 30.0  # a writer waits this long for another process's transaction
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    sop_instance_uid TEXT NOT NULL UNIQUE,
+    sop_class_uid TEXT NOT NULL,
+    transfer_syntax_uid TEXT NOT NULL,
+    calling_ae TEXT NOT NULL,
+    calling_host TEXT NOT NULL,
+    photo_path TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    dispatch_attempts INTEGER NOT NULL DEFAULT 0,
+    not_before REAL,
+    owner TEXT,
+    lease_until REAL,
+    reason TEXT,
+    rule TEXT,
+    destinations TEXT NOT NULL DEFAULT '[]',
+    parse_s REAL,
+    received_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, not_before, id);
+CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner);
+CREATE TABLE IF NOT EXISTS job_results (
+    job_id INTEGER NOT NULL REFERENCES jobs (id),
+    kind TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    transfer_syntax_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    PRIMARY KEY (job_id, kind)
+);
+CREATE TABLE IF NOT EXISTS deliveries (
+    job_id INTEGER NOT NULL REFERENCES jobs (id),
+    destination TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    delivered_at REAL NOT NULL,
+    PRIMARY KEY (job_id, destination, sop_instance_uid)
+);
+CREATE TABLE IF NOT EXISTS job_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id INTEGER NOT NULL REFERENCES jobs (id),
+    at REAL NOT NULL,
+    from_state TEXT,
+    to_state TEXT NOT NULL,
+    reason TEXT
+);
+CREATE INDEX IF NOT EXISTS job_events_by_job ON job_events (job_id, id);
+"""
+
+_JOB_COLUMNS = (
+    "id, sop_instance_uid, sop_class_uid, transfer_syntax_uid, calling_ae, calling_host, photo_path, state, "
+    "attempts, dispatch_attempts, not_before, owner, reason, destinations, rule, parse_s, received_at, updated_at"
+)
+
+
+class SqliteJobStore(JobStore):
+    """:class:`JobStore` on a SQLite file (created with its directory when missing)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
+        self._closed = False
+        with self._write() as db:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if row is None:
+                db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif int(row[0]) != SCHEMA_VERSION:
+                raise RuntimeError(f"{self.path} has job store schema {row[0]}; this version reads {SCHEMA_VERSION}")
+
+    # ------------------------------------------------------------------ connections
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._closed:
+            raise sqlite3.ProgrammingError("the job store is closed")
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")  # durable at commit: intake acknowledges after it
+            db.execute("PRAGMA foreign_keys=ON")
+            self._local.db = db
+            with self._lock:
+                self._connections.append(db)
+        return db
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction. Threads of this process queue on a lock first: SQLite's own busy
+        handler waits by sleeping with growing pauses, which made parallel intake slower than one
+        association; other processes (workers) still meet SQLite's lock, briefly."""
+        db = self._connection()
+        with self._write_lock:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for db in self._connections:
+                try:
+                    db.close()
+                except sqlite3.Error:
+                    pass
+            self._connections.clear()
+
+    # ------------------------------------------------------------------ rows
+
+    def _job(self, db: sqlite3.Connection, row: tuple) -> Job:
+        job_id = row[0]
+        results = tuple(
+            ResultObject(kind=r[0], sop_class_uid=r[1], sop_instance_uid=r[2], transfer_syntax_uid=r[3], path=r[4])
+            for r in db.execute(
+                "SELECT kind, sop_class_uid, sop_instance_uid, transfer_syntax_uid, path FROM job_results "
+                "WHERE job_id = ? ORDER BY position",
+                (job_id,),
+            )
+        )
+        deliveries = frozenset(
+            (r[0], r[1])
+            for r in db.execute("SELECT destination, sop_instance_uid FROM deliveries WHERE job_id = ?", (job_id,))
+        )
+        return Job(
+            id=job_id,
+            sop_instance_uid=row[1],
+            sop_class_uid=row[2],
+            transfer_syntax_uid=row[3],
+            calling_ae=row[4],
+            calling_host=row[5],
+            photo_path=row[6],
+            state=JobState(row[7]),
+            attempts=row[8],
+            dispatch_attempts=row[9],
+            not_before=row[10],
+            owner=row[11],
+            reason=row[12],
+            destinations=tuple(json.loads(row[13])),
+            rule=row[14],
+            parse_s=row[15],
+            received_at=row[16],
+            updated_at=row[17],
+            results=results,
+            deliveries=deliveries,
+        )
+
+    def _load(self, db: sqlite3.Connection, job_id: int) -> Job:
+        row = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFoundError(job_id)
+        return self._job(db, row)
+
+    @staticmethod
+    def _event(db: sqlite3.Connection, job_id: int, at: float, from_state: JobState | None, to_state: JobState,
+               reason: str | None) -> None:
+        db.execute(
+            "INSERT INTO job_events (job_id, at, from_state, to_state, reason) VALUES (?, ?, ?, ?, ?)",
+            (job_id, at, from_state.value if from_state else None, to_state.value, reason),
+        )
+
+    def _owned(self, db: sqlite3.Connection, job_id: int, owner: str, states: Iterable[JobState]) -> Job:
+        job = self._load(db, job_id)
+        allowed = set(states)
+        if job.owner != owner or job.state not in allowed:
+            raise StaleJobError(
+                f"job {job_id} is {job.state.value} held by {job.owner or 'nobody'}, not "
+                f"{'/'.join(sorted(s.value for s in allowed))} held by {owner}"
+            )
+        return job
+
+    def _move(self, db: sqlite3.Connection, job: Job, to_state: JobState, event_reason: str | None, now: float,
+              **columns: object) -> Job:
+        """Update one job's state and columns, write its history line, return the new record."""
+        assignments = ["state = ?", "updated_at = ?"]
+        values: list[object] = [to_state.value, now]
+        for column, value in columns.items():
+            assignments.append(f"{column} = ?")
+            values.append(value)
+        db.execute(f"UPDATE jobs SET {', '.join(assignments)} WHERE id = ?", (*values, job.id))
+        self._event(db, job.id, now, job.state, to_state, event_reason)
+        return self._load(db, job.id)
+
+    # ------------------------------------------------------------------ intake
+
+    def add_received(self, new: NewJob) -> tuple[Job, bool]:
+        now = time.time()
+        with self._write() as db:
+            cursor = db.execute(
+                "INSERT INTO jobs (sop_instance_uid, sop_class_uid, transfer_syntax_uid, calling_ae, calling_host, "
+                "photo_path, state, received_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (sop_instance_uid) DO NOTHING",
+                (new.sop_instance_uid, new.sop_class_uid, new.transfer_syntax_uid, new.calling_ae, new.calling_host,
+                 new.photo_path, JobState.RECEIVED.value, now, now),
+            )
+            created = cursor.rowcount == 1
+            if created:
+                job_id = int(cursor.lastrowid)
+                self._event(db, job_id, now, None, JobState.RECEIVED, None)
+                job = self._load(db, job_id)
+            else:
+                row = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE sop_instance_uid = ?",
+                                 (new.sop_instance_uid,)).fetchone()
+                job = self._job(db, row)
+        if created:
+            self.log_transition(job, None, None)
+        return job, created
+
+    # ------------------------------------------------------------------ reading
+
+    def get(self, job_id: int) -> Job:
+        return self._load(self._connection(), int(job_id))
+
+    def find(self, sop_instance_uid: str) -> Job | None:
+        db = self._connection()
+        row = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE sop_instance_uid = ?",
+                         (sop_instance_uid,)).fetchone()
+        return self._job(db, row) if row else None
+
+    def list_jobs(self, states: Iterable[JobState] | None = None, limit: int = 100) -> list[Job]:
+        db = self._connection()
+        if states is None:
+            rows = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        else:
+            wanted = [JobState(s).value for s in states]
+            marks = ", ".join("?" for _ in wanted)
+            rows = db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN ({marks}) ORDER BY id DESC LIMIT ?",
+                (*wanted, limit),
+            ).fetchall()
+        return [self._job(db, row) for row in rows]
+
+    def history(self, job_id: int) -> list[JobEvent]:
+        rows = self._connection().execute(
+            "SELECT job_id, at, from_state, to_state, reason FROM job_events WHERE job_id = ? ORDER BY id",
+            (job_id,),
+        ).fetchall()
+        return [JobEvent(r[0], r[1], JobState(r[2]) if r[2] else None, JobState(r[3]), r[4]) for r in rows]
+
+    def counts(self) -> dict[JobState, int]:
+        out = {state: 0 for state in JobState}
+        for state, count in self._connection().execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
+            out[JobState(state)] = count
+        return out
+
+    # ------------------------------------------------------------------ processing
+
+    def claim_for_processing(self, owner: str, now: float | None = None) -> Job | None:
+        now = time.time() if now is None else now
+        query = ("SELECT id FROM jobs WHERE state = ? AND (not_before IS NULL OR not_before <= ?) "
+                 "ORDER BY id LIMIT 1")
+        args = (JobState.RECEIVED.value, now)
+        # A lock-free look first: polling workers must not take the write lock intake needs.
+        if self._connection().execute(query, args).fetchone() is None:
+            return None
+        with self._write() as db:
+            row = db.execute(query, args).fetchone()
+            if row is None:
+                return None
+            job = self._load(db, row[0])
+            job = self._move(db, job, JobState.PARSING, None, now, owner=owner, attempts=job.attempts + 1,
+                             not_before=None, lease_until=None, reason=None)
+        self.log_transition(job, JobState.RECEIVED, None)
+        return job
+
+    def set_route(self, job_id: int, owner: str, rule: str | None, destinations: Sequence[str]) -> Job:
+        with self._write() as db:
+            self._owned(db, job_id, owner, PROCESSING_STATES)
+            db.execute("UPDATE jobs SET rule = ?, destinations = ?, updated_at = ? WHERE id = ?",
+                       (rule, json.dumps(list(destinations)), time.time(), job_id))
+            return self._load(db, job_id)
+
+    def advance(self, job_id: int, owner: str, to_state: JobState, reason: str | None = None) -> Job:
+        if to_state not in (JobState.ENCODING, JobState.DONE):
+            raise ValueError(f"advance() moves to encoding or done, not {to_state.value}")
+        now = time.time()
+        with self._write() as db:
+            job = self._owned(db, job_id, owner, PROCESSING_STATES)
+            previous = job.state
+            release = {"owner": None} if to_state == JobState.DONE else {}
+            job = self._move(db, job, to_state, reason, now, reason=reason, **release)
+        self.log_transition(job, previous, reason)
+        return job
+
+    def finish_encoding(self, job_id: int, owner: str, results: Sequence[ResultObject],
+                        parse_s: float | None) -> Job:
+        now = time.time()
+        with self._write() as db:
+            job = self._owned(db, job_id, owner, {JobState.ENCODING})
+            db.execute("DELETE FROM job_results WHERE job_id = ?", (job_id,))
+            db.execute("DELETE FROM deliveries WHERE job_id = ?", (job_id,))
+            for position, result in enumerate(results):
+                db.execute(
+                    "INSERT INTO job_results (job_id, kind, sop_class_uid, sop_instance_uid, transfer_syntax_uid, "
+                    "path, position) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (job_id, result.kind, result.sop_class_uid, result.sop_instance_uid, result.transfer_syntax_uid,
+                     result.path, position),
+                )
+            job = self._move(db, job, JobState.DISPATCHING, None, now, owner=None, lease_until=None,
+                             not_before=None, dispatch_attempts=0, parse_s=parse_s, reason=None)
+        self.log_transition(job, JobState.ENCODING, None)
+        return job
+
+    def requeue(self, job_id: int, owner: str, reason: str, not_before: float | None = None) -> Job:
+        now = time.time()
+        with self._write() as db:
+            job = self._owned(db, job_id, owner, PROCESSING_STATES)
+            previous = job.state
+            job = self._move(db, job, JobState.RECEIVED, reason, now, owner=None, not_before=not_before,
+                             reason=reason)
+        self.log_transition(job, previous, reason)
+        return job
+
+    def fail(self, job_id: int, reason: str, owner: str | None = None) -> Job:
+        now = time.time()
+        with self._write() as db:
+            job = self._load(db, job_id)
+            if owner is not None:
+                job = self._owned(db, job_id, owner, set(JobState) - {JobState.DONE, JobState.FAILED})
+            previous = job.state
+            job = self._move(db, job, JobState.FAILED, reason, now, owner=None, lease_until=None, reason=reason)
+        self.log_transition(job, previous, reason)
+        return job
+
+    # ------------------------------------------------------------------ dispatch
+
+    def claim_for_dispatch(self, owner: str, lease_s: float, now: float | None = None) -> Job | None:
+        now = time.time() if now is None else now
+        query = ("SELECT id FROM jobs WHERE state = ? AND (not_before IS NULL OR not_before <= ?) "
+                 "AND (owner IS NULL OR lease_until IS NULL OR lease_until < ?) ORDER BY id LIMIT 1")
+        args = (JobState.DISPATCHING.value, now, now)
+        if self._connection().execute(query, args).fetchone() is None:
+            return None
+        with self._write() as db:
+            row = db.execute(query, args).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE jobs SET owner = ?, lease_until = ? WHERE id = ?", (owner, now + lease_s, row[0]))
+            return self._load(db, row[0])
+
+    def record_delivery(self, job_id: int, owner: str, destination: str, sop_instance_uid: str) -> None:
+        with self._write() as db:
+            self._owned(db, job_id, owner, {JobState.DISPATCHING})
+            db.execute(
+                "INSERT OR IGNORE INTO deliveries (job_id, destination, sop_instance_uid, delivered_at) "
+                "VALUES (?, ?, ?, ?)",
+                (job_id, destination, sop_instance_uid, time.time()),
+            )
+
+    def dispatch_succeeded(self, job_id: int, owner: str) -> Job:
+        now = time.time()
+        with self._write() as db:
+            job = self._owned(db, job_id, owner, {JobState.DISPATCHING})
+            job = self._move(db, job, JobState.DONE, None, now, owner=None, lease_until=None, not_before=None,
+                             reason=None)
+        self.log_transition(job, JobState.DISPATCHING, None)
+        return job
+
+    def dispatch_failed(self, job_id: int, owner: str, reason: str, retry_at: float | None) -> Job:
+        now = time.time()
+        with self._write() as db:
+            job = self._owned(db, job_id, owner, {JobState.DISPATCHING})
+            to_state = JobState.DISPATCHING if retry_at is not None else JobState.FAILED
+            job = self._move(db, job, to_state, reason, now, owner=None, lease_until=None, not_before=retry_at,
+                             dispatch_attempts=job.dispatch_attempts + 1, reason=reason)
+        self.log_transition(job, JobState.DISPATCHING, reason)
+        return job
+
+    # ------------------------------------------------------------------ recovery and people
+
+    def release_owner(self, owner_prefix: str, reason: str, max_attempts: int) -> list[Job]:
+        now = time.time()
+        released: list[tuple[Job, JobState, str]] = []
+        pattern = owner_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        with self._write() as db:
+            rows = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE owner LIKE ? ESCAPE '\\' ORDER BY id",
+                              (pattern,)).fetchall()
+            for row in rows:
+                job = self._job(db, row)
+                previous = job.state
+                if job.state in PROCESSING_STATES:
+                    if job.attempts >= max_attempts:
+                        why = f"{reason}; gave up after {job.attempts} attempts"
+                        job = self._move(db, job, JobState.FAILED, why, now, owner=None, reason=why)
+                    else:
+                        why = f"{reason}; will try again (attempt {job.attempts} of {max_attempts} was cut short)"
+                        job = self._move(db, job, JobState.RECEIVED, why, now, owner=None, reason=why)
+                    released.append((job, previous, why))
+                elif job.state == JobState.DISPATCHING:
+                    db.execute("UPDATE jobs SET owner = NULL, lease_until = NULL WHERE id = ?", (job.id,))
+                else:  # a final state never keeps an owner; clear a stray one
+                    db.execute("UPDATE jobs SET owner = NULL, lease_until = NULL WHERE id = ?", (job.id,))
+        for job, previous, why in released:
+            self.log_transition(job, previous, why)
+        return [job for job, _, _ in released]
+
+    def retry(self, job_id: int, reason: str = "retried by hand") -> Job:
+        now = time.time()
+        with self._write() as db:
+            job = self._load(db, job_id)
+            if job.state != JobState.FAILED:
+                raise StaleJobError(f"job {job_id} is {job.state.value}; only failed jobs can be retried")
+            if job.results:
+                job = self._move(db, job, JobState.DISPATCHING, reason, now, owner=None, lease_until=None,
+                                 not_before=None, dispatch_attempts=0, reason=reason)
+            else:
+                job = self._move(db, job, JobState.RECEIVED, reason, now, owner=None, lease_until=None,
+                                 not_before=None, attempts=0, reason=reason)
+        self.log_transition(job, JobState.FAILED, reason)
+        return job

@@ -1,0 +1,164 @@
+"""The job store interface: every state change of a job goes through one of these methods.
+
+Why an interface: the embedded default (SQLite in the data directory) serves one machine; a later
+engine (PostgreSQL, say) lets several worker machines share one queue. Both keep the same
+guarantees, which the stages rely on:
+
+* ``add_received`` is durable when it returns (intake acknowledges only then) and idempotent on the
+  SOP Instance UID (a photo received twice is one job).
+* Claims are atomic: two workers never hold the same job. Owners are named ``<node_id>:<role>...``
+  so that recovery on one machine releases only what that machine held.
+* Every method that acts for an owner raises :class:`StaleJobError` when the job is no longer
+  theirs (it was released after the worker was presumed dead), so a late worker cannot overwrite.
+* Each transition is written to the job's history and logged as one structured line.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+from dicom_node.logs import fields
+from dicom_node.queue.job import Job, JobEvent, JobState, NewJob, ResultObject
+
+if TYPE_CHECKING:
+    from dicom_node.config import NodeConfig
+
+log = logging.getLogger("dicom_node.jobs")
+
+
+class StaleJobError(RuntimeError):
+    """The job is not (or no longer) in the state and hands the caller expected."""
+
+
+class JobNotFoundError(KeyError):
+    """No job has that id."""
+
+
+class JobStore(ABC):
+    """Durable job records shared by intake, workers, dispatchers and the CLI."""
+
+    # ------------------------------------------------------------------ intake
+
+    @abstractmethod
+    def add_received(self, new: NewJob) -> tuple[Job, bool]:
+        """Commit a received photo as a RECEIVED job. Returns ``(job, created)``; ``created`` is
+        False when that SOP Instance UID already has a job (which is returned unchanged)."""
+
+    # ------------------------------------------------------------------ reading
+
+    @abstractmethod
+    def get(self, job_id: int) -> Job:
+        """The job with that id; raises :class:`JobNotFoundError`."""
+
+    @abstractmethod
+    def find(self, sop_instance_uid: str) -> Job | None:
+        """The job of a received SOP Instance UID, if any."""
+
+    @abstractmethod
+    def list_jobs(self, states: Iterable[JobState] | None = None, limit: int = 100) -> list[Job]:
+        """Jobs, newest first, optionally only in ``states``."""
+
+    @abstractmethod
+    def history(self, job_id: int) -> list[JobEvent]:
+        """Every recorded transition of one job, oldest first."""
+
+    @abstractmethod
+    def counts(self) -> dict[JobState, int]:
+        """How many jobs are in each state."""
+
+    # ------------------------------------------------------------------ processing (workers)
+
+    @abstractmethod
+    def claim_for_processing(self, owner: str, now: float | None = None) -> Job | None:
+        """Take the oldest RECEIVED job that may run now: -> PARSING, attempts + 1."""
+
+    @abstractmethod
+    def set_route(self, job_id: int, owner: str, rule: str | None, destinations: Sequence[str]) -> Job:
+        """Record which routing rule took the photo and where its results go."""
+
+    @abstractmethod
+    def advance(self, job_id: int, owner: str, to_state: JobState, reason: str | None = None) -> Job:
+        """Move an owned job forward (PARSING -> ENCODING, or -> DONE when there is nothing to do).
+        Moving to DONE releases it."""
+
+    @abstractmethod
+    def finish_encoding(
+        self, job_id: int, owner: str, results: Sequence[ResultObject], parse_s: float | None
+    ) -> Job:
+        """ENCODING -> DISPATCHING with the spooled results, released, dispatchable at once."""
+
+    @abstractmethod
+    def requeue(self, job_id: int, owner: str, reason: str, not_before: float | None = None) -> Job:
+        """Back to RECEIVED (a transient failure): another attempt after ``not_before``."""
+
+    @abstractmethod
+    def fail(self, job_id: int, reason: str, owner: str | None = None) -> Job:
+        """-> FAILED with ``reason``; ``owner`` None for a person or recovery acting on any job."""
+
+    # ------------------------------------------------------------------ dispatch
+
+    @abstractmethod
+    def claim_for_dispatch(self, owner: str, lease_s: float, now: float | None = None) -> Job | None:
+        """Lease the oldest DISPATCHING job whose next attempt is due."""
+
+    @abstractmethod
+    def record_delivery(self, job_id: int, owner: str, destination: str, sop_instance_uid: str) -> None:
+        """One result object reached one destination (so a later attempt does not send it again)."""
+
+    @abstractmethod
+    def dispatch_succeeded(self, job_id: int, owner: str) -> Job:
+        """Everything delivered: DISPATCHING -> DONE."""
+
+    @abstractmethod
+    def dispatch_failed(self, job_id: int, owner: str, reason: str, retry_at: float | None) -> Job:
+        """An attempt failed: dispatch_attempts + 1, then wait until ``retry_at`` or, when None,
+        -> FAILED (past the retry limit: a person retries)."""
+
+    # ------------------------------------------------------------------ recovery and people
+
+    @abstractmethod
+    def release_owner(self, owner_prefix: str, reason: str, max_attempts: int) -> list[Job]:
+        """Release every job held by owners starting with ``owner_prefix`` (they are gone).
+
+        Processing jobs go back to RECEIVED, or to FAILED once they have used ``max_attempts``
+        (a photo that kills its worker every time must not kill workers forever); dispatch leases
+        are dropped so the next attempt happens when it was due."""
+
+    @abstractmethod
+    def retry(self, job_id: int, reason: str = "retried by hand") -> Job:
+        """A person re-opens a FAILED job: to DISPATCHING when its results exist, else RECEIVED."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections (call once the stages using this store have stopped)."""
+
+    # ------------------------------------------------------------------ shared helpers
+
+    @staticmethod
+    def log_transition(job: Job, from_state: JobState | None, reason: str | None) -> None:
+        """The one structured log line per job transition (ids and UIDs only, never patient data)."""
+        level = logging.WARNING if job.state == JobState.FAILED else logging.INFO
+        log.log(
+            level,
+            fields(
+                event="job",
+                job=job.id,
+                sop=job.sop_instance_uid,
+                from_state=from_state.value if from_state else "-",
+                to_state=job.state.value,
+                attempts=job.attempts,
+                dispatch_attempts=job.dispatch_attempts or None,
+                calling_ae=job.calling_ae,
+                reason=reason,
+            ),
+        )
+
+
+def open_job_store(config: NodeConfig) -> JobStore:
+    """The job store the configuration names (today: the embedded SQLite store in the data directory)."""
+    from dicom_node.queue.sqlite_store import SqliteJobStore
+
+    return SqliteJobStore(config.job_db_path)
