@@ -38,6 +38,8 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from dicom_node.web.settings import HttpSettings
+
 ENV_PREFIX = "DICOM_NODE_"
 ENV_NESTED_DELIMITER = "__"
 DEFAULT_CONFIG_PATH = Path("config/node.toml")
@@ -275,6 +277,7 @@ class NodeConfig(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
     results: ResultsSettings = Field(default_factory=ResultsSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
 
     @field_validator("ae_title")
     @classmethod

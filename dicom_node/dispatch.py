@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from dicom_node.config import DispatchSettings, NodeConfig
 from dicom_node.logs import fields
@@ -20,6 +21,9 @@ from dicom_node.net.scu import AssociationError, StoreOutcome, store_files
 from dicom_node.net.spool import Spool
 from dicom_node.queue.job import Job
 from dicom_node.queue.store import JobStore, StaleJobError
+
+if TYPE_CHECKING:
+    from dicom_node.web.metrics import NodeMetrics
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +41,9 @@ def backoff_delay_s(failed_attempts: int, policy: DispatchSettings) -> float:
 class Dispatcher:
     """``dispatch.concurrency`` threads sending due jobs."""
 
-    def __init__(self, config: NodeConfig, store: JobStore, spool: Spool) -> None:
+    def __init__(self, config: NodeConfig, store: JobStore, spool: Spool, metrics: NodeMetrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics
         self.store = store
         self.spool = spool
         self._stop = threading.Event()
@@ -101,6 +106,9 @@ class Dispatcher:
                 self.store.record_delivery(job.id, owner, name, outcome.sop_instance_uid)
 
             started = time.perf_counter()
+            errors_before = len(errors)
+            if self.metrics is not None:
+                self.metrics.dispatch_attempt(name)
             try:
                 outcomes = store_files(destination, [self.spool.path(r.path) for r in pending], self.config.ae_title,
                                        timeout_s=self.config.dispatch.timeout_s, on_stored=delivered)
@@ -116,6 +124,8 @@ class Dispatcher:
             else:
                 log.info(fields(event="dispatch.sent", job=job.id, destination=name, objects=len(outcomes),
                                 seconds=f"{time.perf_counter() - started:.3f}"))
+            if self.metrics is not None and len(errors) > errors_before:
+                self.metrics.dispatch_failure(name)
         if not errors:
             return self.store.dispatch_succeeded(job.id, owner)
         return self._failed(job, owner, errors)

@@ -29,6 +29,9 @@ from dicom_node.net.spool import Spool
 from dicom_node.pipeline.supervisor import WorkerPool
 from dicom_node.queue.job import JobState
 from dicom_node.queue.store import JobStore, open_job_store
+from dicom_node.web.metrics import NodeMetrics
+from dicom_node.web.mount import app_for_node, node_metrics
+from dicom_node.web.server import HttpServer
 
 log = logging.getLogger("dicom_node.node")
 
@@ -121,6 +124,8 @@ class Node:
         self.intake: IntakeSCP | None = None
         self.workers: WorkerPool | None = None
         self.dispatcher: Dispatcher | None = None
+        self.metrics: NodeMetrics | None = None
+        self.http: HttpServer | None = None
         self._stopped = threading.Event()
 
     def start(self) -> None:
@@ -128,6 +133,7 @@ class Node:
         self.spool.prepare()
         store = self.store = open_job_store(config)
         recover(config, store)
+        self.metrics = node_metrics(self)
 
         def waiting() -> int:
             counts = store.counts()
@@ -136,21 +142,34 @@ class Node:
         # Nothing is written to health.json before the workers have said "loading the model":
         # a reader must never see a node that is ready before it can process anything.
         self.health = Health(config.health_path, config.worker.not_ready_log_interval_s, waiting)
-        self.intake = IntakeSCP(config, store, self.spool)
+        self.intake = IntakeSCP(config, store, self.spool, self.metrics)
         try:
             self.intake.start()
         except OSError as exc:
             store.close()
             raise NodeStartError(f"cannot listen on {config.bind_address}:{config.port}: {exc.strerror or exc}. "
                                  "Is another node or PACS using that port?") from exc
-        self.workers = WorkerPool(config, store, self.health)
+        if config.http.enabled:
+            self.http = HttpServer(app_for_node(self, config.http, self.metrics), config.http.bind_address,
+                                   config.http.port)
+            try:
+                self.http.start()
+            except OSError as exc:
+                self.intake.stop()
+                store.close()
+                raise NodeStartError(f"cannot serve HTTP on {config.http.bind_address}:{config.http.port}: "
+                                     f"{exc.strerror or exc}. Is another program using that port? "
+                                     "(http.port, or http.enabled = false)") from exc
+        self.workers = WorkerPool(config, store, self.health, self.metrics)
         self.workers.start()
-        self.health.set_info(ae_title=config.ae_title, port=self.intake.port, node_id=config.node_id)
-        self.dispatcher = Dispatcher(config, store, self.spool)
+        self.health.set_info(ae_title=config.ae_title, port=self.intake.port, node_id=config.node_id,
+                             http_port=self.http.port if self.http else None)
+        self.dispatcher = Dispatcher(config, store, self.spool, self.metrics)
         self.dispatcher.start()
         self.health.start()
         log.info(fields(event="node.started", ae_title=config.ae_title, address=config.bind_address,
-                        port=self.intake.port, workers=config.worker.count, data_dir=config.data_dir))
+                        port=self.intake.port, http_port=self.http.port if self.http else None,
+                        workers=config.worker.count, data_dir=config.data_dir))
 
     def stop(self) -> None:
         """Stop intake first (peers keep what we no longer acknowledge), then workers and dispatch."""
@@ -158,7 +177,7 @@ class Node:
             return
         self._stopped.set()
         log.info(fields(event="node.stopping"))
-        for stage in (self.intake, self.workers, self.dispatcher, self.health):
+        for stage in (self.http, self.intake, self.workers, self.dispatcher, self.health):
             if stage is not None:
                 try:
                     stage.stop()

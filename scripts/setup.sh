@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 WITH_TEST=0
 [ "${1:-}" = "--test" ] && WITH_TEST=1
 
-DEBIAN_TEST_PACKAGES=(dcmtk dicom3tools orthanc orthanc-dicomweb orthanc-python orthanc-gdcm)
+DEBIAN_TEST_PACKAGES=(dcmtk dicom3tools orthanc orthanc-dicomweb orthanc-python orthanc-gdcm chromium chromium-driver)
 
 install_debian() {
     local missing=()

@@ -114,7 +114,14 @@ class M2FPConfig:
         )
         if decoder.num_classes != len(classes):
             raise ModelConfigError(f"decoder.num_classes={decoder.num_classes} but {len(classes)} class names")
-        return cls(backbone, pixel_decoder, decoder, classes, num_parsing=int(model.get("num_parsing", 20)))
+        # Not in the official file (its pipeline hard-codes 640/1333): lets an untrained test model
+        # run on small inputs. Absent, the official values apply.
+        min_size = int(model.get("input_min_size", 640))
+        max_size = int(model.get("input_max_size", 1333))
+        if not 32 <= min_size <= max_size:
+            raise ModelConfigError(f"input_min_size={min_size} / input_max_size={max_size} are not usable")
+        return cls(backbone, pixel_decoder, decoder, classes, num_parsing=int(model.get("num_parsing", 20)),
+                   min_size=min_size, max_size=max_size)
 
     @classmethod
     def from_file(cls, path: str | Path) -> M2FPConfig:

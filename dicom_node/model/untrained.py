@@ -78,6 +78,9 @@ def small_config_dict() -> dict:
     cfg = json.loads(DEFAULT_CONFIG.read_text(encoding="utf-8"))
     for section, values in SMALL_OVERRIDES.items():
         cfg["model"][section].update(values)
+    # Small inputs too (the official pipeline always scales the shorter side to 640).
+    cfg["model"]["input_min_size"] = 256
+    cfg["model"]["input_max_size"] = 512
     return cfg
 
 

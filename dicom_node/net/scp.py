@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+from typing import TYPE_CHECKING
 
 from pydicom.uid import UID
 from pynetdicom import AE, evt
@@ -32,6 +33,9 @@ from dicom_node.net import status
 from dicom_node.net.spool import Spool
 from dicom_node.queue.job import NewJob
 from dicom_node.queue.store import JobStore
+
+if TYPE_CHECKING:
+    from dicom_node.web.metrics import NodeMetrics
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +58,9 @@ def no_delay(event: Event) -> None:
 class IntakeSCP:
     """The node's receiving application entity, started without blocking."""
 
-    def __init__(self, config: NodeConfig, store: JobStore, spool: Spool) -> None:
+    def __init__(self, config: NodeConfig, store: JobStore, spool: Spool, metrics: NodeMetrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics
         self.store = store
         self.spool = spool
         self._server: ThreadedAssociationServer | None = None
@@ -119,6 +124,7 @@ class IntakeSCP:
         if self.config.caller(calling_ae, host) is None:
             log.warning(fields(event="intake.rejected", calling_ae=calling_ae, host=host,
                                reason="calling AE title not configured for this host"))
+            self._rejected("calling_ae_not_recognised")
             event.assoc.acse.send_reject(
                 status.REJECTED_PERMANENT, status.SOURCE_SERVICE_USER, status.REASON_CALLING_AE_NOT_RECOGNISED
             )
@@ -139,6 +145,7 @@ class IntakeSCP:
         if not sop_instance_uid or not sop_class_uid:
             log.warning(fields(event="intake.refused", calling_ae=calling_ae,
                                reason="C-STORE without Affected SOP Class/Instance UID"))
+            self._rejected("missing_uids")
             return status.CANNOT_UNDERSTAND
         try:
             existing = self.store.find(sop_instance_uid)
@@ -177,9 +184,15 @@ class IntakeSCP:
     def _count(self) -> None:
         with self._lock:
             self.received += 1
+        if self.metrics is not None:
+            self.metrics.received()
 
-    @staticmethod
-    def _out_of_resources(sop_instance_uid: str, calling_ae: str, what: str, exc: BaseException) -> int:
+    def _rejected(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.rejected(reason)
+
+    def _out_of_resources(self, sop_instance_uid: str, calling_ae: str, what: str, exc: BaseException) -> int:
+        self._rejected("out_of_resources")
         log.error(fields(event="intake.out_of_resources", sop=sop_instance_uid, calling_ae=calling_ae,
                          status=status.describe(status.OUT_OF_RESOURCES),
                          reason=f"{what}: {type(exc).__name__}: {exc}"))

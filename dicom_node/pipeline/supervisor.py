@@ -20,12 +20,16 @@ from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
+from typing import TYPE_CHECKING
 
 from dicom_node.config import NodeConfig
 from dicom_node.health import Health
 from dicom_node.logs import fields
 from dicom_node.pipeline.worker import EXIT_MODEL_UNAVAILABLE, WorkerMessage, worker_main
 from dicom_node.queue.store import JobStore
+
+if TYPE_CHECKING:
+    from dicom_node.web.metrics import NodeMetrics
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +54,9 @@ class _Slot:
 class WorkerPool:
     """Starts, watches and restarts the worker processes of one node."""
 
-    def __init__(self, config: NodeConfig, store: JobStore, health: Health) -> None:
+    def __init__(self, config: NodeConfig, store: JobStore, health: Health, metrics: NodeMetrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics
         self.store = store
         self.health = health
         self._ctx = multiprocessing.get_context("spawn")  # no fork: the node process runs threads
@@ -157,6 +162,9 @@ class WorkerPool:
         if message.kind == "ready":
             self.health.set_worker(name, pid=message.pid, state="ready", model=message.detail)
             self.health.clear_problem(PROBLEM_MODEL)
+        elif message.kind == "parsed":
+            if self.metrics is not None:
+                self.metrics.observe_parse(float(message.detail))
         elif message.kind == "model_error":
             self.health.set_worker(name, pid=message.pid, state="no model", reason=message.detail)
             self.health.set_problem(PROBLEM_MODEL, f"the model in {self.config.model_dir} cannot be loaded: "

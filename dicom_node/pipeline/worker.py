@@ -34,7 +34,7 @@ _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 class WorkerMessage:
     """What a worker tells the supervisor (through its own pipe)."""
 
-    kind: str  # "ready" or "model_error"
+    kind: str  # "ready", "model_error" or "parsed" (detail: the parse's seconds)
     slot: int
     pid: int
     detail: str
@@ -79,7 +79,10 @@ def worker_main(config: NodeConfig, slot: int, owner: str, messages: Connection,
     from dicom_node.net.spool import Spool
     from dicom_node.parse.engine import HumanParser
     from dicom_node.pipeline.processor import PhotoProcessor
+    from dicom_node.queue.job import JobState
     from dicom_node.queue.store import open_job_store
+
+    parsed_states = (JobState.DISPATCHING, JobState.DONE)  # the photo was parsed (its parse_s is this run's)
 
     try:
         parser = HumanParser.from_model_dir(config.model_dir, threads=torch_threads(config))
@@ -105,7 +108,9 @@ def worker_main(config: NodeConfig, slot: int, owner: str, messages: Connection,
             if job is None:
                 stop.poll(poll_s)
                 continue
-            processor.run(job)
+            finished = processor.run(job)
+            if finished is not None and finished.parse_s is not None and finished.state in parsed_states:
+                _send(messages, WorkerMessage("parsed", slot, os.getpid(), repr(finished.parse_s)))
     finally:
         store.close()
         log.info(fields(event="worker.stopped", slot=slot, pid=os.getpid()))

@@ -1,0 +1,265 @@
+"""The REST API: parse a photo, list and retry jobs, health, readiness and metrics.
+
+Handlers stay on the event loop only to read the request and write the answer. Parsing runs in a
+worker thread (see :class:`~dicom_node.web.parsing.ParserProvider`); every job store call runs on
+one dedicated thread, because the SQLite store keeps a connection per thread and the event loop's
+thread pool comes and goes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import re
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal, TypeVar
+
+from anyio import to_thread
+from fastapi import APIRouter, File, HTTPException, Path, Query, UploadFile
+from fastapi.responses import JSONResponse, Response
+
+from dicom_node.logs import fields
+from dicom_node.parse.classes import CLASS_COLORS, CLASS_NAMES
+from dicom_node.queue.job import JobState
+from dicom_node.queue.store import JobNotFoundError, JobStore, StaleJobError
+from dicom_node.web.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from dicom_node.web.metrics import SOURCE_API, NodeMetrics
+from dicom_node.web.parsing import ParserBusyError, ParserProvider, Prediction, predict
+from dicom_node.web.readiness import Readiness
+from dicom_node.web.schemas import (
+    Alive,
+    CheckOut,
+    ClassInfo,
+    ErrorBody,
+    JobDetail,
+    JobOut,
+    JobPage,
+    ParseAnswer,
+    ReadinessOut,
+    UploadInfo,
+)
+from dicom_node.web.settings import HttpSettings
+from dicom_node.web.uploads import UploadError, photo_from_upload, safe_filename
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+METADATA_HEADER = "X-Parse-Metadata"
+PREDICT_PATH = "/api/predict"
+MAX_JOB_ID = 2**63 - 1  # SQLite INTEGER
+MAX_PAGE = 500
+MAX_OFFSET = 10_000
+
+JobId = Annotated[int, Path(ge=1, le=MAX_JOB_ID, description="the job's id")]
+
+
+@dataclass
+class WebContext:
+    """What the handlers use; built by :func:`~dicom_node.web.app.create_app`."""
+
+    parser: ParserProvider
+    job_store: JobStore | None
+    readiness: Readiness
+    metrics: NodeMetrics
+    settings: HttpSettings
+    _store_thread: ThreadPoolExecutor | None = field(default=None, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+
+    async def in_store_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        with self._lock:
+            if self._store_thread is None:
+                self._store_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="http-job-store")
+            executor = self._store_thread
+        return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+
+    def close(self) -> None:
+        """Stop the job store thread (a later call starts a new one)."""
+        with self._lock:
+            executor, self._store_thread = self._store_thread, None
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+
+    def store(self) -> JobStore:
+        if self.job_store is None:
+            raise HTTPException(503, "this server has no job store (it is not running as part of a node)")
+        return self.job_store
+
+
+def _b64(data: bytes | None) -> str | None:
+    return base64.b64encode(data).decode("ascii") if data is not None else None
+
+
+def _ascii_stem(source: str) -> str:
+    stem = source.rsplit(".", 1)[0] if "." in source else source
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem)[:100] or "photo"
+
+
+def parse_router(ctx: WebContext) -> APIRouter:
+    router = APIRouter(tags=["parse"])
+    settings = ctx.settings
+
+    @router.post(
+        PREDICT_PATH,
+        summary="Parse a photo (JPEG, PNG or DICOM) into body regions",
+        description=(
+            "Returns the colour segmentation as PNG with the parsing summary as JSON in the "
+            f"`{METADATA_HEADER}` header, or with `format=json` one JSON document holding the summary, "
+            "the full parse report and the images base64-encoded."
+        ),
+        response_class=Response,
+        responses={
+            200: {
+                "model": ParseAnswer,
+                "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+                "headers": {METADATA_HEADER: {"description": "the ParseMetadata as compact JSON",
+                                              "schema": {"type": "string"}}},
+            },
+            400: {"model": ErrorBody, "description": "missing or damaged photo"},
+            413: {"model": ErrorBody, "description": "upload or photo too large"},
+            415: {"model": ErrorBody, "description": "not JPEG, PNG or DICOM, or a DICOM photo we do not handle"},
+            503: {"model": ErrorBody, "description": "model unavailable, or busy with other photos"},
+        },
+    )
+    async def predict_photo(
+        image: Annotated[UploadFile, File(description="the photo: JPEG, PNG or DICOM")],
+        format: Annotated[Literal["png", "json"], Query(description="png (default) or json")] = "png",  # noqa: A002
+        include_original: Annotated[bool, Query(description="json only: add the decoded photo as PNG")] = False,
+    ) -> Response:
+        filename = safe_filename(image.filename)
+        data = await image.read()
+        await image.close()
+
+        def work() -> Prediction:
+            photo = photo_from_upload(data, filename, settings.max_pixels)
+            ctx.metrics.received(SOURCE_API)
+            with ctx.parser.exclusive() as parser:
+                return predict(parser, photo, include_original and format == "json")
+
+        try:
+            with ctx.parser.admitted():
+                prediction = await to_thread.run_sync(work)
+        except UploadError as exc:
+            ctx.metrics.rejected(exc.code, SOURCE_API)
+            log.info(fields(event="http.predict_refused", status=exc.status, reason=exc.message))
+            raise
+        except ParserBusyError:
+            ctx.metrics.rejected("busy", SOURCE_API)
+            raise
+        ctx.metrics.observe_parse(prediction.parse_s, SOURCE_API)
+        metadata = prediction.metadata
+        log.info(fields(event="http.predict", persons=metadata["person_count"], seconds=f"{prediction.parse_s:.3f}",
+                        size=f"{metadata['image_size']['width']}x{metadata['image_size']['height']}"))
+        header = json.dumps(metadata, separators=(",", ":"), ensure_ascii=True)
+        if format == "json":
+            body = {
+                "status": "ok",
+                "metadata": metadata,
+                "report": prediction.report,
+                "images": {"color_png": _b64(prediction.color_png), "overlay_png": _b64(prediction.overlay_png),
+                           "original_png": _b64(prediction.original_png)},
+            }
+            return Response(json.dumps(body), media_type="application/json",
+                            headers={METADATA_HEADER: header, "Cache-Control": "no-store"})
+        stem = _ascii_stem(filename)
+        return Response(prediction.color_png, media_type="image/png", headers={
+            METADATA_HEADER: header,
+            "Content-Disposition": f'inline; filename="{stem}_color.png"',
+            "Cache-Control": "no-store",
+        })
+
+    @router.get("/api/v1/info", response_model=UploadInfo, summary="What /api/predict accepts")
+    def info() -> UploadInfo:
+        return UploadInfo(max_upload_bytes=settings.max_upload_bytes, max_pixels=settings.max_pixels,
+                          formats=["jpeg", "png", "dicom"], model_loaded=ctx.parser.loaded is not None)
+
+    @router.get("/api/v1/classes", response_model=list[ClassInfo], summary="The classes and their colours")
+    def classes() -> list[ClassInfo]:
+        return [ClassInfo(index=i, name=name, color=list(CLASS_COLORS[i])) for i, name in enumerate(CLASS_NAMES)]
+
+    return router
+
+
+def jobs_router(ctx: WebContext) -> APIRouter:
+    router = APIRouter(prefix="/api/v1/jobs", tags=["jobs"])
+
+    @router.get("", response_model=JobPage, summary="Jobs, newest first",
+                responses={503: {"model": ErrorBody, "description": "no job store"}})
+    async def list_jobs(
+        state: Annotated[list[JobState] | None, Query(description="only jobs in these states (repeatable)")] = None,
+        limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
+        offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+    ) -> JobPage:
+        store = ctx.store()
+        states = list(dict.fromkeys(state)) if state else None
+
+        def read() -> JobPage:
+            counts = store.counts()
+            jobs = store.list_jobs(states, limit=offset + limit)[offset:]
+            total = sum(counts.get(s, 0) for s in (states or list(JobState)))
+            return JobPage(jobs=[JobOut.of(j) for j in jobs], counts={s.value: counts.get(s, 0) for s in JobState},
+                           total=total, limit=limit, offset=offset)
+
+        return await ctx.in_store_thread(read)
+
+    @router.get("/{job_id}", response_model=JobDetail, summary="One job with its history",
+                responses={404: {"model": ErrorBody}, 503: {"model": ErrorBody}})
+    async def get_job(job_id: JobId) -> JobDetail:
+        store = ctx.store()
+
+        def read() -> JobDetail:
+            try:
+                job = store.get(job_id)
+            except JobNotFoundError:
+                raise HTTPException(404, f"no job {job_id}") from None
+            return JobDetail.with_history(job, store.history(job_id))
+
+        return await ctx.in_store_thread(read)
+
+    @router.post("/{job_id}/retry", response_model=JobOut, summary="Re-open a failed job",
+                 responses={404: {"model": ErrorBody}, 409: {"model": ErrorBody, "description": "job not failed"},
+                            503: {"model": ErrorBody}})
+    async def retry_job(job_id: JobId) -> JobOut:
+        store = ctx.store()
+
+        def retry() -> JobOut:
+            try:
+                job = store.retry(job_id, "retried from the web UI")
+            except JobNotFoundError:
+                raise HTTPException(404, f"no job {job_id}") from None
+            except StaleJobError as exc:
+                raise HTTPException(409, str(exc)) from None
+            return JobOut.of(job)
+
+        return await ctx.in_store_thread(retry)
+
+    return router
+
+
+def health_router(ctx: WebContext) -> APIRouter:
+    router = APIRouter(tags=["health"])
+
+    @router.get("/healthz", response_model=Alive, summary="The process is alive")
+    def healthz() -> Alive:
+        return Alive(status="alive")
+
+    @router.get("/readyz", response_model=ReadinessOut, summary="Ready to process photos",
+                responses={503: {"model": ReadinessOut, "description": "not ready: see the failed checks"}})
+    async def readyz() -> JSONResponse:
+        ready, results = await ctx.in_store_thread(ctx.readiness.evaluate)
+        body = ReadinessOut(ready=ready, checks={k: CheckOut(ok=r.ok, detail=r.detail) for k, r in results.items()})
+        return JSONResponse(body.model_dump(), status_code=200 if ready else 503,
+                            headers={"Cache-Control": "no-store"})
+
+    @router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+                responses={200: {"content": {METRICS_CONTENT_TYPE: {"schema": {"type": "string"}}}}})
+    async def metrics() -> Response:
+        text = await ctx.in_store_thread(ctx.metrics.render)
+        return Response(text, media_type=METRICS_CONTENT_TYPE, headers={"Cache-Control": "no-store"})
+
+    return router

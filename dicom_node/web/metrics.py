@@ -1,0 +1,138 @@
+"""Prometheus metrics of the node, served at ``/metrics``.
+
+Two kinds of figures:
+
+* events the node reports as they happen, through the small interface below (an instance
+  received or rejected, a dispatch attempt or failure, a parse's duration);
+* states read from the job store at scrape time (jobs per state, queue depth), so they are right
+  whichever process moved the job and survive a restart of the node.
+
+Each :class:`NodeMetrics` has its own registry: two nodes (or two tests) in one process never mix
+their counts. Label values are fixed words or configured names, never patient data.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from dicom_node.logs import fields
+from dicom_node.queue.job import JobState
+from dicom_node.queue.store import JobStore
+
+log = logging.getLogger(__name__)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+NAMESPACE = "dicom_node"
+
+# Where a photo came from: a C-STORE to the DICOM port, or an upload to the REST API / web UI.
+SOURCE_DICOM = "dicom"
+SOURCE_API = "api"
+
+# CPU parses of one photo take from a fraction of a second (tiny test model) to minutes (large photo,
+# full model, one busy core).
+PARSE_SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, float("inf"))
+
+# Jobs waiting for each stage (the queue depth a scaling decision looks at).
+_WAITING_FOR = {
+    "processing": (JobState.RECEIVED, JobState.PARSING, JobState.ENCODING),
+    "dispatch": (JobState.DISPATCHING,),
+}
+
+
+class _JobStoreCollector(Collector):
+    """Jobs per state and queue depth, counted in the job store at each scrape."""
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            counts = self.store.counts()
+        except Exception as exc:  # a broken store must not break the scrape: /readyz reports it
+            log.warning(fields(event="metrics.job_store_unreadable", reason=f"{type(exc).__name__}: {exc}"))
+            return
+        jobs = GaugeMetricFamily(f"{NAMESPACE}_jobs", "Jobs in the job store, by state", labels=["state"])
+        for state in JobState:
+            jobs.add_metric([state.value], counts.get(state, 0))
+        yield jobs
+        depth = GaugeMetricFamily(f"{NAMESPACE}_queue_depth", "Jobs waiting for a stage (processing or dispatch)",
+                                  labels=["stage"])
+        for stage, states in _WAITING_FOR.items():
+            depth.add_metric([stage], sum(counts.get(s, 0) for s in states))
+        yield depth
+
+
+class NodeMetrics:
+    """The node's metrics registry and the calls that move its counters.
+
+    The node calls :meth:`received` / :meth:`rejected` from intake, :meth:`dispatch_attempt` /
+    :meth:`dispatch_failure` from dispatch, :meth:`observe_parse` when a parse finishes, and
+    :meth:`count_open_associations` once with a function that counts them.
+    """
+
+    def __init__(self, job_store: JobStore | None = None, process_metrics: bool = True) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.instances_received = Counter(
+            "instances_received", "Photos received (acknowledged C-STOREs and API uploads)", ["source"],
+            namespace=NAMESPACE, registry=r)
+        self.instances_rejected = Counter(
+            "instances_rejected", "Photos or associations refused, by reason", ["source", "reason"],
+            namespace=NAMESPACE, registry=r)
+        self.dispatch_attempts = Counter(
+            "dispatch_attempts", "Attempts to send a job's results to a destination", ["destination"],
+            namespace=NAMESPACE, registry=r)
+        self.dispatch_failures = Counter(
+            "dispatch_failures", "Dispatch attempts that did not deliver everything", ["destination"],
+            namespace=NAMESPACE, registry=r)
+        self.parse_seconds = Histogram(
+            "parse_seconds", "Time to parse one photo (decode to label map)", ["source"],
+            namespace=NAMESPACE, registry=r, buckets=PARSE_SECONDS_BUCKETS)
+        self.open_associations = Gauge(
+            "open_associations", "DICOM associations open on the intake port", namespace=NAMESPACE, registry=r)
+        # Known label values start at 0 so a dashboard shows them before the first event.
+        for source in (SOURCE_DICOM, SOURCE_API):
+            self.instances_received.labels(source)
+            self.parse_seconds.labels(source)
+        if job_store is not None:
+            r.register(_JobStoreCollector(job_store))
+        if process_metrics:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+
+    # ------------------------------------------------------------------ the node's calls
+
+    def received(self, source: str = SOURCE_DICOM) -> None:
+        """A photo was accepted (a C-STORE answered with success, or an API upload read)."""
+        self.instances_received.labels(source).inc()
+
+    def rejected(self, reason: str, source: str = SOURCE_DICOM) -> None:
+        """A photo or an association was refused; ``reason`` is a short fixed word (``too_large``)."""
+        self.instances_rejected.labels(source, reason).inc()
+
+    def dispatch_attempt(self, destination: str) -> None:
+        self.dispatch_attempts.labels(destination).inc()
+
+    def dispatch_failure(self, destination: str) -> None:
+        self.dispatch_failures.labels(destination).inc()
+
+    def observe_parse(self, seconds: float, source: str = SOURCE_DICOM) -> None:
+        self.parse_seconds.labels(source).observe(seconds)
+
+    def count_open_associations(self, count: Callable[[], int]) -> None:
+        """Read the open associations from ``count`` at each scrape (e.g. ``len(ae.active_associations)``)."""
+        self.open_associations.set_function(lambda: float(count()))
+
+    # ------------------------------------------------------------------ exposition
+
+    def render(self) -> bytes:
+        """The registry in the Prometheus text format."""
+        return generate_latest(self.registry)

@@ -1,0 +1,167 @@
+"""The shapes of the REST API's answers, as pydantic models: they are what /openapi.json documents."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from dicom_node.queue.job import Job, JobEvent, JobState
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="a short code: bad_request, too_large, unsupported_media_type, not_found, ...")
+    message: str = Field(description="what went wrong, for a person")
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+class ImageSize(BaseModel):
+    width: int
+    height: int
+
+
+class RegionStatistics(BaseModel):
+    class_index: int
+    label: str
+    pixels: int
+    image_fraction: float = Field(description="share of all photo pixels")
+    person_fraction: float | None = Field(description="share of the person pixels; null when no person was found")
+
+
+class ModelInfo(BaseModel):
+    digest: str = Field(description="SHA-256 of the model weights")
+    untrained: bool = Field(description="true for a test model with random weights: the parsing is meaningless")
+
+
+class ParseMetadata(BaseModel):
+    """Also sent, compact, in the ``X-Parse-Metadata`` header of the PNG answer."""
+
+    status: Literal["ok"]
+    source: str = Field(description="the uploaded file's name")
+    image_size: ImageSize
+    inference_s: float | None = Field(description="seconds from preprocessing to label map")
+    person_count: int
+    labels_present: list[str]
+    regions: list[RegionStatistics]
+    model: ModelInfo
+    warning: str | None = Field(default=None, description="present when the model is untrained")
+
+
+class ParseImages(BaseModel):
+    color_png: str = Field(description="base64 PNG: every pixel in its class colour")
+    overlay_png: str = Field(description="base64 PNG: the photo tinted by class, with a legend")
+    original_png: str | None = Field(default=None, description="base64 PNG of the decoded photo "
+                                                                 "(with include_original=true)")
+
+
+class ParseAnswer(BaseModel):
+    status: Literal["ok"]
+    metadata: ParseMetadata
+    report: dict[str, Any] = Field(description="the parse report, as `dicom-node parse` writes it to JSON")
+    images: ParseImages
+
+
+class UploadInfo(BaseModel):
+    max_upload_bytes: int = Field(description="larger uploads are refused with 413")
+    max_pixels: int = Field(description="photos with more pixels are refused with 413")
+    formats: list[str]
+    model_loaded: bool = Field(description="false until the first parse (or a failed load) on this server")
+
+
+class ClassInfo(BaseModel):
+    index: int
+    name: str
+    color: list[int] = Field(description="RGB, as in the colour PNG, the overlay and the SEG")
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+class ResultObjectOut(BaseModel):
+    kind: str = Field(description="seg, sc or sr")
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+
+
+class DeliveryOut(BaseModel):
+    destination: str
+    sop_instance_uid: str
+
+
+class JobEventOut(BaseModel):
+    at: float = Field(description="epoch seconds")
+    from_state: JobState | None
+    to_state: JobState
+    reason: str | None
+
+
+class JobOut(BaseModel):
+    id: int
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    calling_ae: str
+    calling_host: str
+    state: JobState
+    attempts: int = Field(description="processing attempts started")
+    dispatch_attempts: int = Field(description="failed dispatch attempts since the results were made")
+    not_before: float | None = Field(description="epoch seconds: no attempt before this time")
+    reason: str | None = Field(description="why it failed, or how it ended")
+    destinations: list[str]
+    rule: str | None
+    parse_s: float | None
+    received_at: float = Field(description="epoch seconds")
+    updated_at: float = Field(description="epoch seconds")
+    results: list[ResultObjectOut]
+    deliveries: list[DeliveryOut]
+
+    @classmethod
+    def of(cls, job: Job) -> JobOut:
+        return cls(
+            id=job.id, sop_instance_uid=job.sop_instance_uid, sop_class_uid=job.sop_class_uid,
+            transfer_syntax_uid=job.transfer_syntax_uid, calling_ae=job.calling_ae, calling_host=job.calling_host,
+            state=job.state, attempts=job.attempts, dispatch_attempts=job.dispatch_attempts,
+            not_before=job.not_before, reason=job.reason, destinations=list(job.destinations), rule=job.rule,
+            parse_s=job.parse_s, received_at=job.received_at, updated_at=job.updated_at,
+            results=[ResultObjectOut(kind=r.kind, sop_class_uid=r.sop_class_uid, sop_instance_uid=r.sop_instance_uid,
+                                     transfer_syntax_uid=r.transfer_syntax_uid) for r in job.results],
+            deliveries=[DeliveryOut(destination=d, sop_instance_uid=u) for d, u in sorted(job.deliveries)],
+        )
+
+
+class JobDetail(JobOut):
+    history: list[JobEventOut]
+
+    @classmethod
+    def with_history(cls, job: Job, history: list[JobEvent]) -> JobDetail:
+        events = [JobEventOut(at=e.at, from_state=e.from_state, to_state=e.to_state, reason=e.reason)
+                  for e in history]
+        return cls(**JobOut.of(job).model_dump(), history=events)
+
+
+class JobPage(BaseModel):
+    jobs: list[JobOut] = Field(description="newest first")
+    counts: dict[str, int] = Field(description="jobs per state in the whole store")
+    total: int = Field(description="jobs matching the filter")
+    limit: int
+    offset: int
+
+
+# --------------------------------------------------------------------------- health
+
+
+class Alive(BaseModel):
+    status: Literal["alive"]
+
+
+class CheckOut(BaseModel):
+    ok: bool
+    detail: str
+
+
+class ReadinessOut(BaseModel):
+    ready: bool
+    checks: dict[str, CheckOut]
