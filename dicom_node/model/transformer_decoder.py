@@ -135,5 +135,8 @@ class MaskedAttentionDecoder(nn.Module):
         logits = self.class_embed(decoded)
         mask_logits = torch.einsum("bqc,bchw->bqhw", self.mask_embed(decoded), features)
         # sigmoid(x) < 0.5  <=>  x < 0
-        attn_mask = (mask_logits.flatten(2) < 0).unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1)
-        return logits, attn_mask
+        masked = mask_logits.flatten(2) < 0
+        if masked.shape[0] == 1:
+            # one image: a 2-D (Q, HW) mask is shared by all heads, no per-head copy needed
+            return logits, masked[0]
+        return logits, masked.unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1)
