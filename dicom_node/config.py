@@ -243,6 +243,13 @@ class ResultsSettings(_Section):
 
     sc_jpeg: bool = Field(default=False, description="send the overlay JPEG compressed (lossy, ~10x smaller)")
     include_person_segments: bool = True
+    seg_series_number: int = Field(default=9101, gt=0, lt=2**31)
+    sc_series_number: int = Field(default=9102, gt=0, lt=2**31)
+    sr_series_number: int = Field(default=9103, gt=0, lt=2**31)
+    seg_series_description: str = Field(default="AI body-part segmentation (M2FP)", min_length=1, max_length=64)
+    sc_series_description: str = Field(default="AI body-part overlay (M2FP) - not for diagnosis", min_length=1,
+                                       max_length=64)
+    sr_series_description: str = Field(default="AI body-part measurements (M2FP)", min_length=1, max_length=64)
     institution_name: str | None = Field(default=None, max_length=64)
     uid_prefix: str | None = Field(default=None, pattern=r"^[0-9]+(\.[0-9]+)*\.$")
 

@@ -159,3 +159,18 @@ def test_config_is_frozen() -> None:
     config = NodeConfig()
     with pytest.raises(Exception):  # noqa: B017  (pydantic's ValidationError for frozen models)
         config.port = 1  # type: ignore[misc]
+
+
+def test_result_series_numbers_and_descriptions_reach_the_encoder(tmp_path) -> None:
+    from dicom_node.config import load_config
+    from dicom_node.pipeline.processor import encode_options
+
+    path = tmp_path / "node.toml"
+    path.write_text(
+        (REPO / "config" / "node.toml").read_text()
+        + '\n[results]\nseg_series_number = 42\nsr_series_description = "Burn area report"\n'
+    )
+    options = encode_options(load_config(path))
+    assert options.seg_series_number == 42
+    assert options.sr_series_description == "Burn area report"
+    assert options.sc_series_number == 9102  # the default stays

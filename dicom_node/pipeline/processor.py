@@ -50,6 +50,12 @@ def encode_options(config: NodeConfig) -> EncodeOptions:
     return EncodeOptions(
         sc_jpeg=results.sc_jpeg,
         include_person_segments=results.include_person_segments,
+        seg_series_number=results.seg_series_number,
+        sc_series_number=results.sc_series_number,
+        sr_series_number=results.sr_series_number,
+        seg_series_description=results.seg_series_description,
+        sc_series_description=results.sc_series_description,
+        sr_series_description=results.sr_series_description,
         institution_name=results.institution_name,
         uid_prefix=results.uid_prefix,
     )
