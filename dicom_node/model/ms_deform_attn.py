@@ -8,11 +8,13 @@ from torch import nn
 
 
 def ms_deform_attn_core(value: torch.Tensor, spatial_shapes: list[tuple[int, int]],
-                        sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
+                        sampling_points: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
     """Sample every head's points bilinearly on every level and mix them by attention weight.
 
-    value (N, S, M, D); sampling_locations (N, Lq, M, L, P, 2) as (x, y) in [0, 1];
-    attention_weights (N, Lq, M, L, P). Returns (N, Lq, M*D).
+    value (N, S, M, D); sampling_points (N, Lq, M, L, P, 2) as (x, y) in each level's pixel grid,
+    pixel k's centre at k (that is ``location * size - 0.5`` for the reference's locations in
+    [0, 1], grid_sample with align_corners=False); attention_weights (N, Lq, M, L, P).
+    Returns (N, Lq, M*D).
 
     The reference runs ``grid_sample`` per level and then a weighted sum over a (.., Lq, L*P)
     stack, which is memory-bound on CPU. The result is a weighted sum of 4 corner rows per
@@ -23,7 +25,7 @@ def ms_deform_attn_core(value: torch.Tensor, spatial_shapes: list[tuple[int, int
     (differences ~1e-6), about 1.7x less CPU time than grid_sample on this machine.
     """
     n, _, m, d = value.shape
-    _, lq, _, n_levels, n_points, _ = sampling_locations.shape
+    _, lq, _, n_levels, n_points, _ = sampling_points.shape
     padded, level_starts, start, offset = [], [], 0, 0
     for h, w in spatial_shapes:
         level = value[:, offset:offset + h * w].reshape(n, h, w, m * d)
@@ -37,9 +39,9 @@ def ms_deform_attn_core(value: torch.Tensor, spatial_shapes: list[tuple[int, int
     sizes = torch.tensor(spatial_shapes, dtype=value.dtype, device=value.device)
     height, width = sizes[:, 0].view(n_levels, 1), sizes[:, 1].view(n_levels, 1)
     padded_width = (width + 2).long()
-    # pixel coordinates (pixel centres at k + 0.5), clamped onto the zero border
-    x = torch.minimum((sampling_locations[..., 0] * width - 0.5).clamp_(min=-1), width)
-    y = torch.minimum((sampling_locations[..., 1] * height - 0.5).clamp_(min=-1), height)
+    # clamped onto the zero border: a point further out reads only zeros either way
+    x = torch.minimum(sampling_points[..., 0].clamp(min=-1), width)
+    y = torch.minimum(sampling_points[..., 1].clamp(min=-1), height)
     x0 = torch.minimum(x.floor(), width - 1)
     y0 = torch.minimum(y.floor(), height - 1)
     fx, fy = x - x0, y - y0
@@ -70,13 +72,17 @@ class MSDeformAttn(nn.Module):
         self.value_proj = nn.Linear(d_model, d_model)
         self.output_proj = nn.Linear(d_model, d_model)
 
-    def forward(self, query: torch.Tensor, reference_points: torch.Tensor, input_flatten: torch.Tensor,
-                spatial_shapes: list[tuple[int, int]], offset_normalizer: torch.Tensor) -> torch.Tensor:
-        """query (N, Lq, C); reference_points (N, Lq, L, 2) as (x, y) in [0, 1]; offset_normalizer (L, 2) = (W, H)."""
+    def forward(self, query: torch.Tensor, reference_px: torch.Tensor, input_flatten: torch.Tensor,
+                spatial_shapes: list[tuple[int, int]]) -> torch.Tensor:
+        """query (N, Lq, C); reference_px (N, Lq, L, 2): each token's centre in every level's pixel grid.
+
+        The reference adds offsets / (W, H) to [0, 1] reference points and the sampler multiplies
+        by (W, H) again; adding the offsets in pixel units is the same point without two passes.
+        """
         n, lq, _ = query.shape
         value = self.value_proj(input_flatten).view(n, -1, self.n_heads, self.d_model // self.n_heads)
         offsets = self.sampling_offsets(query).view(n, lq, self.n_heads, self.n_levels, self.n_points, 2)
         weights = self.attention_weights(query).view(n, lq, self.n_heads, self.n_levels * self.n_points)
         weights = F.softmax(weights, -1).view(n, lq, self.n_heads, self.n_levels, self.n_points)
-        locations = reference_points[:, :, None, :, None, :] + offsets / offset_normalizer[None, None, None, :, None, :]
-        return self.output_proj(ms_deform_attn_core(value, spatial_shapes, locations, weights))
+        points = reference_px[:, :, None, :, None, :] + offsets
+        return self.output_proj(ms_deform_attn_core(value, spatial_shapes, points, weights))

@@ -39,9 +39,9 @@ class EncoderLayer(nn.Module):
         self.linear2 = nn.Linear(d_ffn, d_model)
         self.norm2 = nn.LayerNorm(d_model)
 
-    def forward(self, src: torch.Tensor, pos: torch.Tensor, reference_points: torch.Tensor,
-                spatial_shapes: list[tuple[int, int]], offset_normalizer: torch.Tensor) -> torch.Tensor:
-        src = self.norm1(src + self.self_attn(src + pos, reference_points, src, spatial_shapes, offset_normalizer))
+    def forward(self, src: torch.Tensor, pos: torch.Tensor, reference_px: torch.Tensor,
+                spatial_shapes: list[tuple[int, int]]) -> torch.Tensor:
+        src = self.norm1(src + self.self_attn(src + pos, reference_px, src, spatial_shapes))
         return self.norm2(src + self.linear2(F.relu_(self.linear1(src))))
 
 
@@ -68,12 +68,12 @@ class DeformableTransformer(nn.Module):
         pos_flat = torch.cat(
             [p.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1) for lvl, p in enumerate(pos_embeds)], 1
         )
-        reference_points = _reference_points(spatial_shapes, src_flat.device)
-        offset_normalizer = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=src_flat.dtype,
-                                         device=src_flat.device)
+        level_size = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=src_flat.dtype, device=src_flat.device)
+        # each token's centre in every level's pixel grid (pixel k's centre at k), computed once
+        reference_px = _reference_points(spatial_shapes, src_flat.device) * level_size - 0.5
         out = src_flat
         for layer in self.encoder.layers:
-            out = layer(out, pos_flat, reference_points, spatial_shapes, offset_normalizer)
+            out = layer(out, pos_flat, reference_px, spatial_shapes)
         return out
 
 

@@ -89,9 +89,11 @@ class MaskUpsampler:
         """(k, H, W) logits at the photo's size."""
         return F.interpolate(resized[None], size=self.original_hw, mode="bilinear", align_corners=False)[0]
 
-    def window(self, resized: torch.Tensor) -> tuple[slice, slice] | None:
-        """The photo-size box outside which this query's logits cannot be positive; None if nowhere."""
-        pos = resized > 0
+    def window(self, pos: torch.Tensor) -> tuple[slice, slice] | None:
+        """The photo-size box outside which a query's logits cannot be positive; None if nowhere.
+
+        ``pos`` is the query's ``logits > 0`` at the network-input size.
+        """
         rows = torch.nonzero(pos.any(1)).flatten()
         if rows.numel() == 0:
             return None
@@ -165,14 +167,14 @@ def postprocess(pred_logits: torch.Tensor, pred_masks: torch.Tensor, padded_hw: 
             resized = up.resized(chunk)
             photo = up.photo_size(resized)
             for i, q in enumerate(chunk):
-                win = up.window(resized[i])
+                resized_pos = resized[i] > 0
+                win = up.window(resized_pos)
                 if win is None:
                     continue  # no positive pixel: mask score 0, never kept
                 rows, cols = win
                 values = photo[i, rows, cols]
                 positive = values > 0
                 mask_score = float(torch.where(positive, values.sigmoid(), 0).sum() / (positive.sum() + 1e-6))
-                resized_pos = resized[i] > 0
                 for cand in by_query[q]:
                     score = cand.class_prob * mask_score
                     if is_human_pass:
