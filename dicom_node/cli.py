@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="binary lesion mask image (same size as the photo); repeat once per photo, in order")
     p.add_argument("--dicom", action="store_true", help="also write <stem>_seg.dcm, _sc.dcm, _sr.dcm for DICOM input")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--postprocess", choices=["exact", "fast"], default="exact",
+                   help="exact: the official semantics at the photo's size (default); fast: scores and label map "
+                        "at the network-input size, about 35x faster on 12 MP photos, label maps agree on >99.5%% "
+                        "of pixels")
     _add_model_args(p)
 
     m = sub.add_parser("model", help="get the weights or make an untrained test model")

@@ -167,3 +167,17 @@ def test_dicom_flag_writes_valid_seg_sc_sr(small_model_dir: Path, tmp_path: Path
         assert ds.StudyInstanceUID == photo_ds.StudyInstanceUID
         assert ds.SOPInstanceUID != photo_ds.SOPInstanceUID
         assert photo_ds.SOPInstanceUID.encode() in path.read_bytes()  # references the photo
+
+
+def test_fast_postprocess_flag(small_model_dir: Path, tmp_path: Path) -> None:
+    png = tmp_path / "photo.png"
+    Image.fromarray(synthetic_rgb(300, 400)).save(png)
+    outputs = {}
+    for mode in ("exact", "fast"):
+        out = tmp_path / mode
+        proc = run_cli("parse", str(png), "--out", str(out), "--model-dir", str(small_model_dir),
+                       "--postprocess", mode)
+        assert proc.returncode == 0, proc.stderr
+        outputs[mode] = np.asarray(Image.open(out / "photo_labels.png"))
+    assert outputs["fast"].shape == outputs["exact"].shape == (300, 400)
+    assert float((outputs["fast"] == outputs["exact"]).mean()) >= 0.98

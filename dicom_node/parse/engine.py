@@ -14,17 +14,25 @@ import numpy as np
 import torch
 
 from dicom_node.model.checkpoint import LoadedModel, load_model_dir
-from dicom_node.model.postprocess import LazyMask, PostprocessOutput, postprocess
+from dicom_node.model.postprocess import LazyMask, PostprocessOutput, postprocess, postprocess_lowres
 from dicom_node.model.preprocess import prepare_image
 from dicom_node.parse.result import ParsingResult, PartInstance, PersonInstance
 
 log = logging.getLogger(__name__)
 
+POSTPROCESS_MODES = {"exact": postprocess, "fast": postprocess_lowres}
+
 
 class HumanParser:
     """Runs M2FP multi-person human parsing on RGB photos."""
 
-    def __init__(self, loaded: LoadedModel, threads: int | None = None) -> None:
+    def __init__(self, loaded: LoadedModel, threads: int | None = None, postprocess_mode: str = "exact") -> None:
+        """``postprocess_mode``: "exact" (the official semantics at the photo's size) or "fast"
+        (scores and label map at the network-input size; see ``postprocess_lowres``)."""
+        if postprocess_mode not in POSTPROCESS_MODES:
+            raise ValueError(f"postprocess_mode must be one of {sorted(POSTPROCESS_MODES)}, got {postprocess_mode!r}")
+        self._postprocess = POSTPROCESS_MODES[postprocess_mode]
+        self.postprocess_mode = postprocess_mode
         self.loaded = loaded
         loaded.model.prepare_for_inference()
         if threads:
@@ -33,12 +41,13 @@ class HumanParser:
         self.class_names = tuple(loaded.config.classes)
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path, threads: int | None = None) -> HumanParser:
+    def from_model_dir(cls, model_dir: str | Path, threads: int | None = None,
+                       postprocess_mode: str = "exact") -> HumanParser:
         t0 = time.perf_counter()
         loaded = load_model_dir(model_dir)
         log.info("model loaded from %s in %.2f s, version %s%s", model_dir, time.perf_counter() - t0,
                  loaded.digest[:16], " (UNTRAINED)" if loaded.untrained else "")
-        return cls(loaded, threads)
+        return cls(loaded, threads, postprocess_mode)
 
     @property
     def model_digest(self) -> str:
@@ -57,8 +66,8 @@ class HumanParser:
         with torch.inference_mode():
             out = self.loaded.model(prepared.tensor)
             t2 = time.perf_counter()
-            post = postprocess(out["pred_logits"][0], out["pred_masks"][0], prepared.padded_hw,
-                               prepared.resized_hw, prepared.original_hw, self.human_class)
+            post = self._postprocess(out["pred_logits"][0], out["pred_masks"][0], prepared.padded_hw,
+                                     prepared.resized_hw, prepared.original_hw, self.human_class)
         result = self._result(post)
         t3 = time.perf_counter()
         result.timings_s.update(preprocess=t1 - t0, network=t2 - t1, postprocess=t3 - t2, total=t3 - t0)
