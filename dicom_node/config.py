@@ -14,7 +14,7 @@ import os
 import socket
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -216,6 +216,8 @@ class WorkerSettings(_Section):
 
     count: int = Field(default=1, ge=0, le=64, description="0: accept and queue only, process nothing")
     torch_threads: int = Field(default=0, ge=0, description="per worker; 0: CPU cores / count")
+    postprocess: Literal["exact", "fast"] = Field(
+        default="exact", description="exact: official semantics at the photo's size; fast: at the network-input size")
     max_attempts: int = Field(default=3, ge=1, description="tries of one photo when its worker dies or the disk fails")
     poll_interval_s: float = Field(default=0.1, gt=0)
     restart_delay_s: float = Field(default=1.0, gt=0, description="first wait before restarting a dead worker")
