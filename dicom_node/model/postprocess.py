@@ -16,6 +16,7 @@ The official code upsamples all 100 query masks to the photo's size (300 MB at 1
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -140,6 +141,17 @@ class PostprocessOutput:
     upsampler: MaskUpsampler
 
 
+def _passes(candidates: list[Candidate], human_class: int) -> Iterator[tuple[bool, dict[int, list[Candidate]]]]:
+    """(is_human_pass, candidates by query): humans first, so each part's overlap with every
+    person is known when the part is kept."""
+    for is_human_pass in (True, False):
+        by_query: dict[int, list[Candidate]] = {}
+        for cand in candidates:
+            if (cand.class_id == human_class) == is_human_pass:
+                by_query.setdefault(cand.query_index, []).append(cand)
+        yield is_human_pass, by_query
+
+
 def postprocess(pred_logits: torch.Tensor, pred_masks: torch.Tensor, padded_hw: tuple[int, int],
                 resized_hw: tuple[int, int], original_hw: tuple[int, int], human_class: int) -> PostprocessOutput:
     """Kept parts (score >= 0.1) and humans (score > 0.1), the label map and the human masks.
@@ -155,12 +167,7 @@ def postprocess(pred_logits: torch.Tensor, pred_masks: torch.Tensor, padded_hw: 
     human_masks: list[np.ndarray] = []
     human_resized: list[torch.Tensor] = []
     parts: list[KeptInstance] = []
-    # Humans first, so that each part's overlap with every person is known when the part is kept.
-    for is_human_pass in (True, False):
-        by_query: dict[int, list[Candidate]] = {}
-        for cand in candidates:
-            if (cand.class_id == human_class) == is_human_pass:
-                by_query.setdefault(cand.query_index, []).append(cand)
+    for is_human_pass, by_query in _passes(candidates, human_class):
         queries = list(by_query)
         for start in range(0, len(queries), up.photo_chunk):
             chunk = queries[start:start + up.photo_chunk]
@@ -215,11 +222,7 @@ def postprocess_lowres(pred_logits: torch.Tensor, pred_masks: torch.Tensor, padd
     human_masks: list[np.ndarray] = []
     human_resized: list[torch.Tensor] = []
     parts: list[KeptInstance] = []
-    for is_human_pass in (True, False):
-        by_query: dict[int, list[Candidate]] = {}
-        for cand in candidates:
-            if (cand.class_id == human_class) == is_human_pass:
-                by_query.setdefault(cand.query_index, []).append(cand)
+    for is_human_pass, by_query in _passes(candidates, human_class):
         queries = list(by_query)
         for start in range(0, len(queries), RESIZED_CHUNK):
             chunk = queries[start:start + RESIZED_CHUNK]
