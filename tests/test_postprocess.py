@@ -67,3 +67,21 @@ def test_cuts_are_ge_for_parts_and_gt_for_humans() -> None:
     logits[2, 0] = 10.0  # Background: never returned
     cands = select_candidates(logits, HUMAN)
     assert [(c.query_index, c.class_id) for c in cands] == [(0, 5), (1, HUMAN)]
+
+
+@pytest.mark.parametrize("original_hw", [(3000, 4000), (500, 377), (853, 640)])
+def test_window_logits_are_the_photo_size_logits_bit_for_bit(original_hw) -> None:
+    from dicom_node.model.postprocess import MaskUpsampler
+
+    gen = torch.Generator().manual_seed(original_hw[1])
+    resized_hw = target_size(*original_hw)
+    padded_hw = tuple(-(-s // 32) * 32 for s in resized_hw)
+    masks = torch.randn(3, padded_hw[0] // 4, padded_hw[1] // 4, generator=gen) * 5
+    up = MaskUpsampler(masks, padded_hw, resized_hw, original_hw)
+    resized = up.resized([0, 1, 2])
+    full = up.photo_size(resized)
+    h, w = original_hw
+    for i, win in enumerate([(slice(0, h), slice(0, w)), (slice(h // 3, h // 2), slice(w // 5, w - 7)),
+                             (slice(h - 1, h), slice(0, 1))]):
+        got = up.window_logits(resized[i], win)
+        assert torch.equal(got, full[i][win]), win

@@ -8,7 +8,8 @@ The official code upsamples all 100 query masks to the photo's size (300 MB at 1
   that can pass are drawn at all;
 * mask statistics and painting run only inside the bounding box of the query's positive
   logits: outside it all four bilinear source neighbours are <= 0, so the upsampled logit is
-  <= 0 and the pixel contributes nothing to the mask or its score;
+  <= 0 and the pixel contributes nothing to the mask or its score; and only that box is
+  upsampled to the photo's size (two 1-D passes that give the 2-D kernel's bits exactly);
 * the label map is painted as we go (a best-score map decides each pixel), so no full-size
   float mask is ever kept; part masks are recomputed on demand from the 14 MB of stride-4
   logits (``LazyMask``).
@@ -26,7 +27,6 @@ import torch.nn.functional as F
 SCORE_CUT = 0.1
 TOPK = 100
 RESIZED_CHUNK = 16  # queries upsampled to the network input size at once
-PHOTO_CHUNK_ELEMENTS = 24_000_000  # photo-size float32 logits drawn at once (about 96 MB)
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,6 @@ class MaskUpsampler:
         self.padded_hw, self.resized_hw, self.original_hw = padded_hw, resized_hw, original_hw
         self._y = _source_index(original_hw[0], resized_hw[0])
         self._x = _source_index(original_hw[1], resized_hw[1])
-        self.photo_chunk = max(1, PHOTO_CHUNK_ELEMENTS // (original_hw[0] * original_hw[1]))
 
     def resized(self, queries: list[int]) -> torch.Tensor:
         """(k, h, w) logits at the network-input (resized photo) size."""
@@ -89,6 +88,29 @@ class MaskUpsampler:
     def photo_size(self, resized: torch.Tensor) -> torch.Tensor:
         """(k, H, W) logits at the photo's size."""
         return F.interpolate(resized[None], size=self.original_hw, mode="bilinear", align_corners=False)[0]
+
+    def window_logits(self, resized: torch.Tensor, window: tuple[slice, slice]) -> torch.Tensor:
+        """One query's photo-size logits inside ``window``, equal to :meth:`photo_size`'s there.
+
+        ``resized`` is the query's (h, w) logits at the network-input size. PyTorch's bilinear
+        kernel interpolates along the width, then combines two such rows along the height, so a
+        width-only resize followed by a height-only resize gives the same bits
+        (tests/test_postprocess.py checks it). The width pass runs only on the source rows the
+        window reads and the height pass only on the window's columns: a small part on a 12 MP
+        photo costs a fraction of the photo.
+        """
+        rows, cols = window
+        y0, y1, _ = self._y
+        src_top, src_bottom = int(y0[rows.start]), int(y1[rows.stop - 1]) + 1
+        n_cols = cols.stop - cols.start
+        # The height pass maps output rows onto the whole source height; rows the window never
+        # reads stay zero (not garbage: a zero weight times NaN would still be NaN).
+        columns = resized.new_zeros((1, 1, self.resized_hw[0], n_cols))
+        columns[0, 0, src_top:src_bottom] = F.interpolate(
+            resized[None, None, src_top:src_bottom], size=(src_bottom - src_top, self.original_hw[1]),
+            mode="bilinear", align_corners=False)[0, 0, :, cols]
+        out = F.interpolate(columns, size=(self.original_hw[0], n_cols), mode="bilinear", align_corners=False)
+        return out[0, 0, rows]
 
     def window(self, pos: torch.Tensor) -> tuple[slice, slice] | None:
         """The photo-size box outside which a query's logits cannot be positive; None if nowhere.
@@ -169,19 +191,19 @@ def postprocess(pred_logits: torch.Tensor, pred_masks: torch.Tensor, padded_hw: 
     parts: list[KeptInstance] = []
     for is_human_pass, by_query in _passes(candidates, human_class):
         queries = list(by_query)
-        for start in range(0, len(queries), up.photo_chunk):
-            chunk = queries[start:start + up.photo_chunk]
+        for start in range(0, len(queries), RESIZED_CHUNK):
+            chunk = queries[start:start + RESIZED_CHUNK]
             resized = up.resized(chunk)
-            photo = up.photo_size(resized)
             for i, q in enumerate(chunk):
                 resized_pos = resized[i] > 0
                 win = up.window(resized_pos)
                 if win is None:
                     continue  # no positive pixel: mask score 0, never kept
                 rows, cols = win
-                values = photo[i, rows, cols]
+                values = up.window_logits(resized[i], win)
                 positive = values > 0
-                mask_score = float(torch.where(positive, values.sigmoid(), 0).sum() / (positive.sum() + 1e-6))
+                # count_nonzero: a bool .sum() would first copy the window to int64
+                mask_score = float(values.sigmoid_().mul_(positive).sum()) / (int(positive.count_nonzero()) + 1e-6)
                 for cand in by_query[q]:
                     score = cand.class_prob * mask_score
                     if is_human_pass:
@@ -195,10 +217,9 @@ def postprocess(pred_logits: torch.Tensor, pred_masks: torch.Tensor, padded_hw: 
                         overlap = tuple(int((resized_pos & h).sum()) for h in human_resized)
                         parts.append(KeptInstance(q, cand.class_id, cand.class_prob, mask_score, score, overlap))
                         win_best = best[rows, cols]  # views: writing them writes the maps
-                        wins = positive & (win_best < score)
-                        win_best[wins] = score
-                        label_map[rows, cols][wins] = cand.class_id
-            del photo
+                        wins = torch.lt(win_best, score).logical_and_(positive)
+                        win_best.masked_fill_(wins, score)
+                        label_map[rows, cols].masked_fill_(wins, cand.class_id)
     return PostprocessOutput(parts, humans, human_masks, label_map.numpy(), up)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dicom_node.model.allocator import keep_freed_memory
 from dicom_node.model.checkpoint import LoadedModel, load_model_dir
 from dicom_node.model.postprocess import LazyMask, PostprocessOutput, postprocess, postprocess_lowres
 from dicom_node.model.preprocess import prepare_image
@@ -34,6 +35,7 @@ class HumanParser:
         self._postprocess = POSTPROCESS_MODES[postprocess_mode]
         self.postprocess_mode = postprocess_mode
         self.loaded = loaded
+        keep_freed_memory()
         loaded.model.prepare_for_inference()
         if threads:
             torch.set_num_threads(threads)
