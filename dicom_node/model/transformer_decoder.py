@@ -114,7 +114,9 @@ class MaskedAttentionDecoder(nn.Module):
         for i in range(self.num_layers):
             level = i % self.num_feature_levels
             # A query whose mask is empty everywhere may look everywhere (else softmax of nothing).
-            attn_mask[torch.where(attn_mask.sum(-1) == attn_mask.shape[-1])] = False
+            # (A broadcast AND, not an indexed assignment: the same values, and an exported
+            # graph keeps no data-dependent shape.)
+            attn_mask = attn_mask & ~attn_mask.all(-1, keepdim=True)
             output = self.transformer_cross_attention_layers[i](output, src[level], attn_mask, pos[level], query_pos)
             output = self.transformer_self_attention_layers[i](output, query_pos)
             output = self.transformer_ffn_layers[i](output)
