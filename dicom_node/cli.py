@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exact: the official semantics at the photo's size (default); fast: scores and label map "
                         "at the network-input size, about 35x faster on 12 MP photos, label maps agree on >99.5%% "
                         "of pixels")
+    p.add_argument("--runtime", choices=["auto", "eager", "openvino", "eager-int8"], default="auto",
+                   help="auto (default): the fastest runtime whose results agree with eager fp32 on the parity "
+                        "images (checked once per model and machine, logged); eager: the fp32 reference")
     _add_model_args(p)
 
     m = sub.add_parser("model", help="get the weights or make an untrained test model")

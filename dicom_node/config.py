@@ -218,6 +218,8 @@ class WorkerSettings(_Section):
     torch_threads: int = Field(default=0, ge=0, description="per worker; 0: CPU cores / count")
     postprocess: Literal["exact", "fast"] = Field(
         default="exact", description="exact: official semantics at the photo's size; fast: at the network-input size")
+    runtime: Literal["auto", "eager", "openvino", "eager-int8"] = Field(
+        default="auto", description="auto: the fastest runtime that passes its agreement check against eager fp32")
     max_attempts: int = Field(default=3, ge=1, description="tries of one photo when its worker dies or the disk fails")
     poll_interval_s: float = Field(default=0.1, gt=0)
     restart_delay_s: float = Field(default=1.0, gt=0, description="first wait before restarting a dead worker")

@@ -40,7 +40,8 @@ def run_parse(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     try:
-        parser = HumanParser.from_model_dir(args.model_dir, threads=args.threads, postprocess_mode=args.postprocess)
+        parser = HumanParser.from_model_dir(args.model_dir, threads=args.threads, postprocess_mode=args.postprocess,
+                                            runtime=args.runtime)
     except ModelLoadError as exc:
         print(f"error: cannot load the model: {exc}\n"
               "Get the weights with `dicom-node model fetch`, or for tests `dicom-node model make-test --dir DIR`.",

@@ -44,7 +44,7 @@ def parse_report(result: ParsingResult, source: str, lesion_mask: np.ndarray | N
             for p in stats.persons
         ],
         "person_pixels": stats.person_pixels,
-        "model": {"digest": result.model_digest, "untrained": result.model_untrained},
+        "model": {"digest": result.model_digest, "untrained": result.model_untrained, "runtime": result.runtime},
         "timings_s": {k: round(v, 4) for k, v in result.timings_s.items()},
     }
     if result.model_untrained:

@@ -62,6 +62,7 @@ class ParsingResult:
     model_untrained: bool
     class_names: tuple[str, ...] = CLASS_NAMES
     timings_s: dict[str, float] = field(default_factory=dict)
+    runtime: str = "eager"  # the inference runtime that computed the network outputs
 
     @property
     def person_count(self) -> int:

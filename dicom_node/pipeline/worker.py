@@ -86,7 +86,8 @@ def worker_main(config: NodeConfig, slot: int, owner: str, messages: Connection,
 
     try:
         parser = HumanParser.from_model_dir(config.model_dir, threads=torch_threads(config),
-                                            postprocess_mode=config.worker.postprocess)
+                                            postprocess_mode=config.worker.postprocess,
+                                            runtime=config.worker.runtime)
     except Exception as exc:  # ModelLoadError, a truncated file, out of memory: all mean "no model"
         _send(messages, WorkerMessage("model_error", slot, os.getpid(), f"{type(exc).__name__}: {exc}"))
         sys.exit(EXIT_MODEL_UNAVAILABLE)

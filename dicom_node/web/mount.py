@@ -35,7 +35,7 @@ def node_metrics(node: Node) -> NodeMetrics:
 def app_for_node(node: Node, settings: HttpSettings, metrics: NodeMetrics | None = None) -> FastAPI:
     """The app a started node serves; ``metrics`` is the instance its stages report to."""
     parser = ParserProvider.from_model_dir(node.config.model_dir, settings.parse_threads,
-                                           settings.max_waiting_parses)
+                                           settings.max_waiting_parses, runtime=node.config.worker.runtime)
     return create_app(
         parser_provider=parser,
         job_store=node.store,

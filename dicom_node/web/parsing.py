@@ -49,9 +49,10 @@ class ParserProvider:
         self._admitted = threading.BoundedSemaphore(1 + max_waiting)
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path, threads: int = 0, max_waiting: int = 4) -> ParserProvider:
+    def from_model_dir(cls, model_dir: str | Path, threads: int = 0, max_waiting: int = 4,
+                       runtime: str = "auto") -> ParserProvider:
         torch_threads = threads or max(1, (os.cpu_count() or 2) // 2)
-        return cls(lambda: HumanParser.from_model_dir(model_dir, torch_threads), max_waiting)
+        return cls(lambda: HumanParser.from_model_dir(model_dir, torch_threads, runtime=runtime), max_waiting)
 
     @classmethod
     def of(cls, parser: HumanParser, max_waiting: int = 4) -> ParserProvider:
