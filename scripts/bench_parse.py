@@ -117,6 +117,15 @@ def network_gflop(model_dir: Path, size: str) -> float:
     return counter.get_total_flops() / 1e9
 
 
+def peak_rss_gib() -> float:
+    """This process's own peak RSS (VmHWM). Not getrusage: Linux carries ru_maxrss over execve,
+    so a child would report the peak of the parent that started it."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def child(args: argparse.Namespace) -> None:
     w, h = (int(v) for v in args.size.split("x"))
     t0 = time.perf_counter()
@@ -135,7 +144,7 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({
         "runtime": args.runtime, "size": args.size, "postprocess": args.postprocess, "runs": args.runs,
         "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "load_s": load_s,
+        "peak_rss_gib": peak_rss_gib(), "load_s": load_s,
         "export_s": warm.timings_s.get("export"),
         "stage_median_s": {k: statistics.median(v) for k, v in stages.items()},
         "parts": len(result.parts), "persons": result.person_count,

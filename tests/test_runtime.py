@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dicom_node.model.checkpoint import load_model_dir
-from dicom_node.model.runtime import build_runtime, choose_runtime
+from dicom_node.model.runtime import build_runtime, choose_runtime, prepare_kwargs
 from dicom_node.model.runtime.agreement import (
     INSTANCE_IOU_MIN,
     LABEL_AGREEMENT_MIN,
@@ -33,12 +33,6 @@ def _loaded(model_dir: Path):
     return loaded
 
 
-def _prepare_kwargs(loaded) -> dict:
-    cfg = loaded.config
-    return {"min_size": cfg.min_size, "max_size": cfg.max_size, "size_divisibility": cfg.size_divisibility,
-            "pixel_mean": cfg.pixel_mean, "pixel_std": cfg.pixel_std}
-
-
 @pytest.fixture(scope="module")
 def parity_loaded(parity_model_dir: Path):
     return _loaded(parity_model_dir)
@@ -46,7 +40,7 @@ def parity_loaded(parity_model_dir: Path):
 
 @pytest.fixture(scope="module")
 def parity_reference(parity_loaded):
-    return reference_run(EagerRuntime(parity_loaded.model), _prepare_kwargs(parity_loaded),
+    return reference_run(EagerRuntime(parity_loaded.model), prepare_kwargs(parity_loaded),
                          parity_loaded.config.num_parsing, timed_runs=1)
 
 
@@ -104,7 +98,7 @@ class _Perturbed(NetworkRuntime):
 
 def test_agreement_check_rejects_a_runtime_that_moves_the_masks(small_model_dir: Path) -> None:
     loaded = _loaded(small_model_dir)
-    reference = reference_run(EagerRuntime(loaded.model), _prepare_kwargs(loaded), loaded.config.num_parsing,
+    reference = reference_run(EagerRuntime(loaded.model), prepare_kwargs(loaded), loaded.config.num_parsing,
                               timed_runs=1)
     same = check_agreement(_Perturbed(loaded.model, 0.0), reference, timed_runs=1)
     assert same.passed and same.label_agreement == 1.0 and same.min_instance_iou == 1.0

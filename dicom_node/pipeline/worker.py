@@ -12,7 +12,6 @@ SIGKILLed node leaves no orphan holding jobs (PR_SET_PDEATHSIG is a second line 
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -21,13 +20,13 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 from dicom_node.config import NodeConfig
+from dicom_node.lifetime import die_with_parent
 from dicom_node.logs import fields
 
 log = logging.getLogger(__name__)
 
 EXIT_STOPPED = 0
 EXIT_MODEL_UNAVAILABLE = 3  # the model cannot load: retrying at once would fail the same way
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass(frozen=True)
@@ -38,17 +37,6 @@ class WorkerMessage:
     slot: int
     pid: int
     detail: str
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when the node process dies (no-op elsewhere)."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
 
 
 def torch_threads(config: NodeConfig) -> int:
@@ -68,7 +56,7 @@ def _send(messages: Connection, message: WorkerMessage) -> None:
 def worker_main(config: NodeConfig, slot: int, owner: str, messages: Connection, stop: Connection,
                 parent_pid: int) -> None:
     """Entry point of a worker process (spawned by :class:`~dicom_node.pipeline.supervisor.WorkerPool`)."""
-    _die_with_parent()
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the node; it stops us in order
     from dicom_node.logs import setup_logging
 
