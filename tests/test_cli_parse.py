@@ -32,7 +32,7 @@ def fixture_run(parity_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
     lesion_mask[:, :512] = 255
     Image.fromarray(lesion_mask).save(lesion)
     proc = run_cli("parse", str(PARITY_DIR / "input.png"), str(broken), "--out", str(out),
-                   "--model-dir", str(parity_model_dir), "--threads", "2", "--no-progress",
+                   "--model-dir", str(parity_model_dir), "--threads", "2", "--no-progress", "--runtime", "eager",
                    "--lesion-mask", str(lesion), "--lesion-mask", str(lesion))
     return out, proc
 
@@ -68,7 +68,7 @@ def test_json_report_matches_official(fixture_run) -> None:
     meta, _ = official_instances("landscape_1024x768")
     assert report["classes"] == CLASSES
     assert report["person_count"] == sum(1 for c in meta["class_id"] if c == 20)
-    assert report["model"] == {"digest": FIXTURE_SHA256, "untrained": True}
+    assert report["model"] == {"digest": FIXTURE_SHA256, "untrained": True, "runtime": "eager"}
     assert "UNTRAINED" in report["warning"]
     ours = sorted((i["label"], round(i["score"], 3)) for i in report["instances"])
     theirs = sorted((label, round(s, 3)) for label, s in zip(meta["labels"], meta["scores"], strict=True))
@@ -181,3 +181,28 @@ def test_fast_postprocess_flag(small_model_dir: Path, tmp_path: Path) -> None:
         outputs[mode] = np.asarray(Image.open(out / "photo_labels.png"))
     assert outputs["fast"].shape == outputs["exact"].shape == (300, 400)
     assert float((outputs["fast"] == outputs["exact"]).mean()) >= 0.98
+
+
+def test_runtime_flag_and_auto_default(small_model_dir: Path, tmp_path: Path) -> None:
+    """``auto`` (the default) logs its choice and agreement; the report names the runtime used."""
+    png = tmp_path / "photo.png"
+    Image.fromarray(synthetic_rgb(300, 400)).save(png)
+    labels = {}
+    for runtime in (None, "eager"):
+        out = tmp_path / (runtime or "auto")
+        proc = run_cli("parse", str(png), "--out", str(out), "--model-dir", str(small_model_dir), "--no-progress",
+                       *(["--runtime", runtime] if runtime else []))
+        assert proc.returncode == 0, proc.stderr
+        report = json.loads((out / "photo.json").read_text())
+        selected = [line for line in proc.stderr.splitlines() if "event=runtime.selected" in line]
+        assert len(selected) == 1, proc.stderr
+        assert f"runtime={report['model']['runtime']} " in selected[0]
+        if runtime is None:
+            assert "requested=auto" in selected[0] and "label agreement" in selected[0]
+        else:
+            assert report["model"]["runtime"] == "eager"
+        labels[runtime] = np.asarray(Image.open(out / "photo_labels.png"))
+    assert float((labels[None] == labels["eager"]).mean()) >= 0.995
+    bad = run_cli("parse", str(png), "--out", str(tmp_path / "x"), "--model-dir", str(small_model_dir),
+                  "--runtime", "tensorrt")
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr

@@ -76,8 +76,7 @@ def test_int8_is_used_only_if_it_passes_its_check(parity_loaded, caplog) -> None
                                 and agreement.min_instance_iou >= INSTANCE_IOU_MIN and agreement.lost_instances == 0)
     assert (choice.runtime.name == "eager-int8") == agreement.passed
     messages = [r.getMessage() for r in caplog.records]
-    assert any("event=runtime.checked runtime=eager-int8" in m for m in messages)
-    assert any("event=runtime.selected" in m for m in messages)
+    assert any("event=runtime.selected" in m and "eager-int8" in m for m in messages)
     if not agreement.passed:
         assert any("event=runtime.refused" in m for m in messages)
 

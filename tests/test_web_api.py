@@ -91,7 +91,8 @@ def test_predict_png_returns_the_colour_segmentation_and_metadata_header(client,
     assert metadata["person_count"] == expected.person_count
     assert metadata["regions"] == report["regions"]
     assert metadata["labels_present"] == [r["label"] for r in report["regions"]]
-    assert metadata["model"] == {"digest": web_parser.get().model_digest, "untrained": True}
+    assert metadata["model"] == {"digest": web_parser.get().model_digest, "untrained": True,
+                                 "runtime": web_parser.get().runtime.name}
     assert metadata["warning"] == UNTRAINED_WARNING
     assert metadata["inference_s"] > 0
 
