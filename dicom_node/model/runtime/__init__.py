@@ -94,7 +94,8 @@ def _check_key(name: str, threads: int | None) -> str:
 def choose_runtime(requested: str, loaded: LoadedModel, threads: int | None = None,
                    candidates: tuple[str, ...] = CANDIDATES) -> RuntimeChoice:
     """The runtime to parse with: ``eager``, a named candidate (used only if it passes its
-    check), or ``auto`` (the fastest candidate that passes, else eager)."""
+    check), or ``auto`` (the fastest candidate that passes and beats eager by ``MIN_SPEEDUP``,
+    else eager)."""
     if requested not in RUNTIME_CHOICES:
         raise ValueError(f"unknown runtime {requested!r}; choose one of {', '.join(RUNTIME_CHOICES)}")
     eager = EagerRuntime(loaded.model)
