@@ -20,6 +20,8 @@ import threading
 import time
 from pathlib import Path
 
+from dicom_node.allocator import NODE as NODE_THRESHOLDS
+from dicom_node.allocator import keep_freed_memory
 from dicom_node.config import NodeConfig
 from dicom_node.dispatch import Dispatcher
 from dicom_node.health import Health
@@ -190,6 +192,7 @@ class Node:
 
 def serve(config: NodeConfig) -> int:
     """Run the node until SIGTERM or SIGINT. Returns the process exit code."""
+    keep_freed_memory(NODE_THRESHOLDS)  # intake's 1 MB buffers: ~15 % more photos/s (allocator.py)
     try:
         ensure_model(config)
         node = Node(config)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dicom_node.model.allocator import keep_freed_memory
+from dicom_node.allocator import keep_freed_memory
 from dicom_node.model.checkpoint import LoadedModel, load_model_dir
 from dicom_node.model.postprocess import LazyMask, PostprocessOutput, postprocess, postprocess_lowres
 from dicom_node.model.preprocess import prepare_image

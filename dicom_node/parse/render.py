@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from dicom_node.parse.classes import CLASS_COLORS, CLASS_NAMES
+from dicom_node.parse.counting import classes_present
 
 # One row per class; indexing it with a label map is the whole colouring step.
 _PALETTE = np.asarray(CLASS_COLORS, dtype=np.uint8)
@@ -77,7 +78,7 @@ def overlay(
     out = photo_rgb.copy()
     _blend_into(out, label_map, alpha)
     if legend:
-        present = _classes_present(label_map)
+        present = classes_present(label_map, len(_PALETTE))
         if present:
             if max(present) >= len(class_names):
                 raise ValueError(
@@ -157,12 +158,6 @@ def _blend_into(out: np.ndarray, label_map: np.ndarray, alpha: float) -> None:
             out[rows, :, channel] = tables[channel][table_base + out[rows, :, channel]]
 
 
-def _classes_present(label_map: np.ndarray) -> list[int]:
-    # bincount widens its input to intp, so count in strips rather than make an 8-bytes-per-pixel copy.
-    counts = np.zeros(len(_PALETTE), dtype=np.int64)
-    for top in range(0, label_map.shape[0], _BLEND_ROWS):
-        counts += np.bincount(label_map[top:top + _BLEND_ROWS].ravel(), minlength=len(_PALETTE))
-    return [int(c) for c in np.flatnonzero(counts) if c != 0]
 
 
 @dataclass(frozen=True)

@@ -74,8 +74,9 @@ class ParsingResult:
 
     def classes_present(self) -> list[int]:
         """Part classes (1..19) that own at least one label-map pixel, ascending."""
-        counts = np.bincount(self.label_map.ravel(), minlength=len(self.class_names))
-        return [int(c) for c in np.nonzero(counts)[0] if c != 0]
+        from dicom_node.parse.counting import classes_present  # lazy: torch takes ~1 s to import
+
+        return classes_present(self.label_map, len(self.class_names))
 
 
 def result_from_label_map(

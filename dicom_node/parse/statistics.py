@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from dicom_node.parse.counting import class_counts
 from dicom_node.parse.result import ParsingResult
 
 
@@ -59,24 +60,22 @@ class ParsingStatistics:
         return asdict(self)
 
 
-def _class_counts(label_map: np.ndarray, n_classes: int, where: np.ndarray | None = None) -> np.ndarray:
-    values = label_map if where is None else label_map[where]
-    return np.bincount(values.ravel(), minlength=n_classes)
-
-
 def region_statistics(result: ParsingResult) -> ParsingStatistics:
     """Area per class present and per person, from the label map and the person masks."""
     label_map = result.label_map
     names = result.class_names
     n = len(names)
     image_pixels = int(label_map.size)
-    counts = _class_counts(label_map, n)
+    counts = class_counts(label_map, n)
 
-    person_union = np.zeros(label_map.shape, dtype=bool)
-    for person in result.persons:
-        person_union |= person.mask
-    person_pixels = int(person_union.sum())
-    in_person = _class_counts(label_map, n, person_union) if person_pixels else np.zeros(n, np.int64)
+    if len(result.persons) == 1:
+        person_union = np.asarray(result.persons[0].mask, dtype=bool)
+    else:
+        person_union = np.zeros(label_map.shape, dtype=bool)
+        for person in result.persons:
+            person_union |= person.mask
+    person_pixels = int(np.count_nonzero(person_union))
+    in_person = class_counts(label_map, n, person_union) if person_pixels else np.zeros(n, np.int64)
 
     regions = [
         RegionStats(
@@ -92,8 +91,8 @@ def region_statistics(result: ParsingResult) -> ParsingStatistics:
 
     persons = []
     for person in result.persons:
-        area = int(person.mask.sum())
-        per_class = _class_counts(label_map, n, person.mask)
+        area = int(np.count_nonzero(person.mask))
+        per_class = in_person if len(result.persons) == 1 else class_counts(label_map, n, person.mask)
         persons.append(
             PersonStats(
                 person_index=person.index,
@@ -125,8 +124,8 @@ def lesion_statistics(result: ParsingResult, lesion_mask: np.ndarray) -> list[Le
     if lesion.ndim == 3:
         lesion = lesion.any(axis=2)
     n = len(result.class_names)
-    region = _class_counts(result.label_map, n)
-    hit = _class_counts(result.label_map, n, lesion)
+    region = class_counts(result.label_map, n)
+    hit = class_counts(result.label_map, n, lesion)
     return [
         LesionRegionStats(c, result.class_names[c], int(region[c]), int(hit[c]), float(100.0 * hit[c] / region[c]))
         for c in range(1, n)

@@ -161,7 +161,7 @@ def run_checks(model_dir: str, names: list[str], threads: int | None, requested:
     """Load the model, measure eager once, check each candidate, record the results."""
     if threads:
         torch.set_num_threads(threads)
-    from dicom_node.model.allocator import keep_freed_memory
+    from dicom_node.allocator import keep_freed_memory
     from dicom_node.model.checkpoint import load_model_dir
 
     keep_freed_memory()
