@@ -18,7 +18,7 @@ from dicom_node.encode import codes as codetable
 from dicom_node.encode.common import EncodeOptions, lossy_compression_history
 from dicom_node.encode.results import EncodedResults, encode_results
 from dicom_node.encode.sc import build_overlay_sc
-from dicom_node.encode.seg import _BinarySegmentation, build_segmentation, plan_segments
+from dicom_node.encode.seg import _BinarySegmentation, build_segmentation, plan_segments, segment_description
 from dicom_node.encode.sr import build_measurement_report
 from dicom_node.encode.validate import dciodvfy_available, validate
 from dicom_node.parse.classes import CLASS_NAMES, HUMAN, class_color
@@ -554,3 +554,34 @@ def test_plan_segments_numbers_without_gaps():
     assert [s.segment_number for s in planned] == list(range(1, len(planned) + 1))
     assert [s.class_index for s in planned if not s.is_person] == result.classes_present()
     assert [s.person_index for s in planned if s.is_person] == [0, 1]
+
+
+@pytest.mark.parametrize("size", [(64, 48), (37, 29)])  # 29 x 37 pixels is not a multiple of 8
+def test_fast_bit_packing_matches_pydicom(size, rgb_photo):
+    from pydicom.pixels.utils import pack_bits
+
+    rng = np.random.default_rng(size[0])
+    planes = rng.random((3, *size)) < 0.4
+    seg = build_segmentation(rgb_photo.dataset, synthetic_parsing())
+    assert isinstance(seg, _BinarySegmentation) and seg.BitsAllocated == 1
+    for array in (planes.ravel(), planes.ravel().astype(np.uint8)):
+        assert seg._encode_pixels_native(array) == pack_bits(array, pad=False)
+    with pytest.raises(ValueError, match="binary"):
+        seg._encode_pixels_native(np.full(64, 2, np.uint8))
+
+
+def test_seg_pixel_data_equals_stock_highdicom(rgb_photo):
+    """The whole SEG, frames and bits, as highdicom itself would encode it."""
+    result = synthetic_parsing(persons=2)
+    ours = build_segmentation(rgb_photo.dataset, result)
+    planned = plan_segments(result)
+    stack = np.stack([s.mask(result) for s in planned], axis=-1)[np.newaxis].astype(np.uint8)
+    stock = hd.seg.Segmentation(
+        source_images=[rgb_photo.dataset], pixel_array=stack,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[segment_description(s, result) for s in planned],
+        series_instance_uid=hd.UID(), series_number=1, sop_instance_uid=hd.UID(), instance_number=1,
+        manufacturer="x", manufacturer_model_name="x", software_versions="x", device_serial_number="x",
+        omit_empty_frames=False)
+    assert ours.NumberOfFrames == stock.NumberOfFrames
+    assert ours.PixelData == stock.PixelData

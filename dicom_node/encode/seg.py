@@ -91,6 +91,16 @@ class _BinarySegmentation(hd.seg.Segmentation):
             return pixel_array, segments_overlap(pixel_array)
         return super()._check_and_cast_pixel_array(pixel_array, segment_numbers, segmentation_type, dtype)
 
+    def _encode_pixels_native(self, planes: np.ndarray) -> bytes:
+        # pydicom's pack_bits proves the planes binary with array_equal(arr, arr.astype(bool)) and
+        # copies them to uint8 before packing: 21 ms per 12 MP frame, against 2.5 ms for a max()
+        # and np.packbits. Same bits (PS3.5 8.1.1: first pixel in the least significant bit); a
+        # length that is not a multiple of 8 (only highdicom's last remainder) goes the stock way.
+        if (self.BitsAllocated == 1 and planes.dtype in (np.bool_, np.uint8) and planes.size % 8 == 0
+                and (planes.dtype == np.bool_ or not planes.size or int(planes.max()) <= 1)):
+            return np.packbits(planes.ravel(), bitorder="little").tobytes()
+        return super()._encode_pixels_native(planes)
+
 
 def segments_overlap(masks: np.ndarray) -> hd.seg.SegmentsOverlapValues:
     """Segments Overlap of a boolean (..., segments) stack: YES when a pixel is in two segments."""

@@ -25,7 +25,6 @@ from dicom_node.encode.results import encode_results
 from dicom_node.logs import fields
 from dicom_node.net.spool import Spool
 from dicom_node.parse.engine import HumanParser
-from dicom_node.parse.render import overlay
 from dicom_node.queue.job import Job, JobState, ResultObject
 from dicom_node.queue.store import JobStore, StaleJobError
 from dicom_node.routing import Router, RoutingError
@@ -154,8 +153,7 @@ class PhotoProcessor:
 
         self.store.advance(job.id, self.owner, JobState.ENCODING)
         try:
-            overlay_rgb = overlay(photo.rgb, result.label_map)
-            encoded = encode_results(ds, photo.rgb, result, overlay_rgb, self.options)
+            encoded = encode_results(ds, photo.rgb, result, None, self.options)  # renders the overlay too
         except MemoryError:
             raise
         except Exception as exc:
