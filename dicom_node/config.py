@@ -237,6 +237,9 @@ class DispatchSettings(_Section):
     backoff_factor: float = Field(default=2.0, ge=1)
     backoff_max_s: float = Field(default=600.0, gt=0)
     concurrency: int = Field(default=2, ge=1, le=32)
+    associations_per_job: int = Field(
+        default=2, ge=1, le=8,
+        description="associations one job's objects go out on at once (SC beside SEG; SR last); 1: one by one")
     poll_interval_s: float = Field(default=0.1, gt=0)
     timeout_s: float = Field(default=60.0, gt=0, description="ACSE, DIMSE and network timeouts of one send")
     lease_s: float = Field(default=600.0, gt=0, description="how long a send may hold a job before others may")

@@ -111,7 +111,8 @@ class Dispatcher:
                 self.metrics.dispatch_attempt(name)
             try:
                 outcomes = store_files(destination, [self.spool.path(r.path) for r in pending], self.config.ae_title,
-                                       timeout_s=self.config.dispatch.timeout_s, on_stored=delivered)
+                                       timeout_s=self.config.dispatch.timeout_s, on_stored=delivered,
+                                       associations=self.config.dispatch.associations_per_job)
             except AssociationError as exc:
                 errors.append(f"{name}: {exc}")
                 continue

@@ -126,3 +126,112 @@ def test_compressed_results_are_decompressed_for_a_pacs_that_only_takes_uncompre
         assert not received.file_meta.TransferSyntaxUID.is_compressed
     finally:
         pacs.stop()
+
+
+def _files(tmp_path: Path, sizes: list[int]) -> list[Path]:
+    """Photos of about the given side lengths, written as Part 10 files (sizes differ, so the
+    parallel path has something to balance)."""
+    directory = tmp_path / "out"
+    directory.mkdir(exist_ok=True)
+    paths = []
+    for i, side in enumerate(sizes):
+        path = directory / f"{i}.dcm"
+        make_vl_photo(synthetic_rgb(side, side)).save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+class _RecordingSCP:
+    """A pynetdicom storage SCP that records arrival order and can refuse a second association
+    (``maximum_associations``), like a PACS that allows one association per caller."""
+
+    def __init__(self, maximum_associations: int, handler_delay_s: float = 0.0) -> None:
+        from pynetdicom import AE, evt
+        from pynetdicom.sop_class import VLPhotographicImageStorage
+
+        self.received: list[str] = []
+        self.peak = 0
+        self._open = 0
+        self._delay = handler_delay_s
+        self.ae = AE(ae_title="RECORDER")
+        self.ae.maximum_associations = maximum_associations
+        self.ae.add_supported_context(VLPhotographicImageStorage, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+        self.port = free_port()
+        self.server = self.ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
+            (evt.EVT_C_STORE, self._store), (evt.EVT_ESTABLISHED, self._opened), (evt.EVT_RELEASED, self._closed)])
+
+    def _opened(self, event) -> None:
+        self._open += 1
+        self.peak = max(self.peak, self._open)
+
+    def _closed(self, event) -> None:
+        self._open -= 1
+
+    def _store(self, event) -> int:
+        time.sleep(self._delay)  # keeps an association busy, so the others overlap it
+        self.received.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def _uid(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def test_parallel_associations_deliver_everything_and_the_last_file_last(tmp_path: Path) -> None:
+    from dicom_node.net.scu import Peer, store_files
+
+    scp = _RecordingSCP(maximum_associations=4, handler_delay_s=0.2)
+    try:
+        paths = _files(tmp_path, [300, 64, 200, 40, 16])
+        seen: list[str] = []
+        outcomes = store_files(Peer("RECORDER", "127.0.0.1", scp.port), paths, "NODE",
+                               on_stored=lambda o: seen.append(o.sop_instance_uid), associations=2)
+        uids = [_uid(p) for p in paths]
+        assert [o.sop_instance_uid for o in outcomes] == uids and all(o.stored for o in outcomes)
+        assert sorted(seen) == sorted(uids) and seen[-1] == uids[-1]
+        assert sorted(scp.received) == sorted(uids) and scp.received[-1] == uids[-1]
+        assert scp.peak == 2, "the objects went out on two associations at once"
+    finally:
+        scp.stop()
+
+
+def test_a_refused_second_association_still_delivers_everything(tmp_path: Path) -> None:
+    from dicom_node.net.scu import Peer, store_files
+
+    scp = _RecordingSCP(maximum_associations=1, handler_delay_s=0.2)
+    try:
+        paths = _files(tmp_path, [200, 100, 16])
+        outcomes = store_files(Peer("RECORDER", "127.0.0.1", scp.port), paths, "NODE", associations=2)
+        assert all(o.stored for o in outcomes), [o.describe() for o in outcomes]
+        assert sorted(scp.received) == sorted(_uid(p) for p in paths)
+        assert scp.received[-1] == _uid(paths[-1])
+        assert scp.peak == 1, "the second association was refused, its file went on the first"
+    finally:
+        scp.stop()
+
+
+def test_parallel_send_to_a_peer_that_is_down_raises(tmp_path: Path) -> None:
+    from dicom_node.net.scu import AssociationError, Peer, store_files
+
+    with pytest.raises(AssociationError, match="cannot connect"):
+        store_files(Peer("NOBODY", "127.0.0.1", free_port()), _files(tmp_path, [16, 16, 16]), "NODE",
+                    associations=3)
+
+
+def test_parallel_send_to_storescp_that_serves_one_association_at_a_time(tmp_path: Path) -> None:
+    need_tools("storescp")
+    pacs = StoreSCP(tmp_path / "pacs").start()  # no --fork: the second association waits its turn
+    try:
+        config, store, spool = make_setup(tmp_path, pacs.port)
+        assert config.dispatch.associations_per_job == 2  # the default is what this exercises
+        datasets = [make_vl_photo(synthetic_rgb(side, side)) for side in (200, 100, 16)]
+        job_id = job_with_results(store, spool, datasets)
+        done = Dispatcher(config, store, spool).dispatch(store.claim_for_dispatch(OWNER, 60), OWNER)
+        assert done.state == JobState.DONE and len(done.deliveries) == 3
+        assert {pydicom.dcmread(p).SOPInstanceUID for p in pacs.files()} == {d.SOPInstanceUID for d in datasets}
+        assert store.get(job_id).dispatch_attempts == 0
+    finally:
+        pacs.stop()
