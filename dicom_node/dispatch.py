@@ -19,6 +19,7 @@ from dicom_node.config import DispatchSettings, NodeConfig
 from dicom_node.logs import fields
 from dicom_node.net.scu import AssociationError, StoreOutcome, store_files
 from dicom_node.net.spool import Spool
+from dicom_node.queue.doorbell import Doorbells, IdleWait
 from dicom_node.queue.job import Job
 from dicom_node.queue.store import JobStore, StaleJobError
 
@@ -41,9 +42,11 @@ def backoff_delay_s(failed_attempts: int, policy: DispatchSettings) -> float:
 class Dispatcher:
     """``dispatch.concurrency`` threads sending due jobs."""
 
-    def __init__(self, config: NodeConfig, store: JobStore, spool: Spool, metrics: NodeMetrics | None = None) -> None:
+    def __init__(self, config: NodeConfig, store: JobStore, spool: Spool, metrics: NodeMetrics | None = None,
+                 doorbells: Doorbells | None = None) -> None:
         self.config = config
         self.metrics = metrics
+        self.doorbells = doorbells
         self.store = store
         self.spool = spool
         self._stop = threading.Event()
@@ -64,10 +67,14 @@ class Dispatcher:
         self._stop.set()
         deadline = time.monotonic() + timeout_s
         for thread in self._threads:
-            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+            while thread.is_alive() and time.monotonic() < deadline:
+                if self.doorbells is not None:  # wakes an idle thread (keep ringing: another may drain it)
+                    self.doorbells.results_ready.ring()
+                thread.join(timeout=min(0.05, max(0.0, deadline - time.monotonic())))
 
     def _loop(self, owner: str) -> None:
         poll_s = self.config.dispatch.poll_interval_s
+        idle = IdleWait(self.doorbells.results_ready, poll_s) if self.doorbells is not None else None
         while not self._stop.is_set():
             try:
                 job = self.store.claim_for_dispatch(owner, self.config.dispatch.lease_s)
@@ -76,8 +83,13 @@ class Dispatcher:
                 self._stop.wait(max(poll_s, 1.0))
                 continue
             if job is None:
-                self._stop.wait(poll_s)
+                if idle is not None:
+                    idle.nothing_to_do()
+                else:
+                    self._stop.wait(poll_s)
                 continue
+            if idle is not None:
+                idle.found_work()
             try:
                 self.dispatch(job, owner)
             except StaleJobError as exc:

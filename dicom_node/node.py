@@ -29,6 +29,7 @@ from dicom_node.logs import fields
 from dicom_node.net.scp import IntakeSCP
 from dicom_node.net.spool import Spool
 from dicom_node.pipeline.supervisor import WorkerPool
+from dicom_node.queue.doorbell import new_doorbells
 from dicom_node.queue.job import JobState
 from dicom_node.queue.store import JobStore, open_job_store
 from dicom_node.web.metrics import NodeMetrics
@@ -144,7 +145,8 @@ class Node:
         # Nothing is written to health.json before the workers have said "loading the model":
         # a reader must never see a node that is ready before it can process anything.
         self.health = Health(config.health_path, config.worker.not_ready_log_interval_s, waiting)
-        self.intake = IntakeSCP(config, store, self.spool, self.metrics)
+        doorbells = new_doorbells()
+        self.intake = IntakeSCP(config, store, self.spool, self.metrics, doorbells)
         try:
             self.intake.start()
         except OSError as exc:
@@ -162,11 +164,11 @@ class Node:
                 raise NodeStartError(f"cannot serve HTTP on {config.http.bind_address}:{config.http.port}: "
                                      f"{exc.strerror or exc}. Is another program using that port? "
                                      "(http.port, or http.enabled = false)") from exc
-        self.workers = WorkerPool(config, store, self.health, self.metrics)
+        self.workers = WorkerPool(config, store, self.health, self.metrics, doorbells)
         self.workers.start()
         self.health.set_info(ae_title=config.ae_title, port=self.intake.port, node_id=config.node_id,
                              http_port=self.http.port if self.http else None)
-        self.dispatcher = Dispatcher(config, store, self.spool, self.metrics)
+        self.dispatcher = Dispatcher(config, store, self.spool, self.metrics, doorbells)
         self.dispatcher.start()
         self.health.start()
         log.info(fields(event="node.started", ae_title=config.ae_title, address=config.bind_address,

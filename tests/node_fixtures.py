@@ -253,6 +253,7 @@ def node_config(data_dir: Path, model_dir: Path, port: int, pacs_port: int, **ov
             {"ae_title": SCU_AET, "host": "127.0.0.1", "return_to": "pacs"},
         ],
         "destinations": [{"name": "pacs", "ae_title": PACS_AET, "host": "127.0.0.1", "port": pacs_port}],
+        "http": {"port": 0},  # any free port: two test nodes (or a test and a bench) never collide on 8080
         "worker": {"restart_delay_s": 0.5, "poll_interval_s": 0.05},
         "dispatch": {"backoff_initial_s": 0.5, "backoff_factor": 2.0, "backoff_max_s": 2.0, "max_attempts": 100,
                      "timeout_s": 15.0, "poll_interval_s": 0.05},

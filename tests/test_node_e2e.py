@@ -278,3 +278,22 @@ def test_no_model_and_offline_stops_with_one_clear_message(node_factory, node_po
     assert "dicom-node model fetch" in text and "dicom-node model make-test" in text
     assert text.count("error:") == 1, "one message"
     assert "Traceback" not in text
+
+
+def test_stages_hand_over_at_once_even_with_long_polls(
+    running_orthanc: Orthanc, node_factory, node_port: int, small_model_dir: Path, tmp_path: Path
+) -> None:
+    """Intake rings the workers, a worker rings dispatch (queue/doorbell.py): with 60 s polls a
+    photo still comes back in seconds, and the node still stops promptly."""
+    config = node_config(tmp_path / "data", small_model_dir, node_port, running_orthanc.dicom_port,
+                         worker={"poll_interval_s": 60.0}, dispatch={"poll_interval_s": 60.0})
+    node = node_factory(config)
+    node.start()
+    time.sleep(1.0)  # every stage has polled once and is waiting out its 60 s
+    photo = make_vl_photo(synthetic_rgb(64, 96))
+    assert storescu(write_photos([photo], tmp_path / "in"), node.port).returncode == 0
+    wait_until(lambda: len(_results_for(running_orthanc, photo.StudyInstanceUID, photo.SOPInstanceUID)) >= 3,
+               PARSE_BUDGET_S, "results in Orthanc well before a 60 s poll")
+    started = time.monotonic()
+    assert node.stop(timeout_s=30) == 0
+    assert time.monotonic() - started < 15, "idle workers and dispatchers wake up to stop"

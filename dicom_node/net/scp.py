@@ -33,6 +33,7 @@ from dicom_node.config import NodeConfig
 from dicom_node.logs import fields
 from dicom_node.net import status
 from dicom_node.net.spool import Spool
+from dicom_node.queue.doorbell import Doorbells
 from dicom_node.queue.job import NewJob
 from dicom_node.queue.store import JobStore
 
@@ -72,9 +73,11 @@ def part10_chunks(event: Event) -> list[bytes | memoryview]:
 class IntakeSCP:
     """The node's receiving application entity, started without blocking."""
 
-    def __init__(self, config: NodeConfig, store: JobStore, spool: Spool, metrics: NodeMetrics | None = None) -> None:
+    def __init__(self, config: NodeConfig, store: JobStore, spool: Spool, metrics: NodeMetrics | None = None,
+                 doorbells: Doorbells | None = None) -> None:
         self.config = config
         self.metrics = metrics
+        self.doorbells = doorbells
         self.store = store
         self.spool = spool
         self._server: ThreadedAssociationServer | None = None
@@ -192,6 +195,8 @@ class IntakeSCP:
             self.spool.discard(relative)
             log.info(fields(event="intake.duplicate", sop=sop_instance_uid, job=job.id, state=job.state.value,
                             calling_ae=calling_ae))
+        elif self.doorbells is not None:
+            self.doorbells.photo_received.ring()
         self._count()
         return status.SUCCESS
 

@@ -26,6 +26,7 @@ from dicom_node.config import NodeConfig
 from dicom_node.health import Health
 from dicom_node.logs import fields
 from dicom_node.pipeline.worker import EXIT_MODEL_UNAVAILABLE, WorkerMessage, worker_main
+from dicom_node.queue.doorbell import Doorbells
 from dicom_node.queue.store import JobStore
 
 if TYPE_CHECKING:
@@ -54,9 +55,11 @@ class _Slot:
 class WorkerPool:
     """Starts, watches and restarts the worker processes of one node."""
 
-    def __init__(self, config: NodeConfig, store: JobStore, health: Health, metrics: NodeMetrics | None = None) -> None:
+    def __init__(self, config: NodeConfig, store: JobStore, health: Health, metrics: NodeMetrics | None = None,
+                 doorbells: Doorbells | None = None) -> None:
         self.config = config
         self.metrics = metrics
+        self.doorbells = doorbells
         self.store = store
         self.health = health
         self._ctx = multiprocessing.get_context("spawn")  # no fork: the node process runs threads
@@ -96,7 +99,10 @@ class WorkerPool:
         for slot in self._slots:
             process = slot.process
             if process is not None:
-                process.join(timeout=max(0.0, deadline - time.monotonic()))
+                while process.is_alive() and time.monotonic() < deadline:
+                    if self.doorbells is not None:  # an idle worker wakes and sees the closed pipe
+                        self.doorbells.photo_received.ring()
+                    process.join(timeout=min(0.1, max(0.0, deadline - time.monotonic())))
                 if process.is_alive():
                     log.warning(fields(event="worker.killed", slot=slot.index, pid=process.pid,
                                        reason="did not stop in time"))
@@ -118,7 +124,7 @@ class WorkerPool:
         messages_read, messages_write = self._ctx.Pipe(duplex=False)
         process = self._ctx.Process(
             target=worker_main,
-            args=(self.config, slot.index, slot.owner, messages_write, self._stop_read, os.getpid()),
+            args=(self.config, slot.index, slot.owner, messages_write, self._stop_read, os.getpid(), self.doorbells),
             name=f"dicom-node-worker-{slot.index}",
             daemon=True,
         )

@@ -22,6 +22,7 @@ from multiprocessing.connection import Connection
 from dicom_node.config import NodeConfig
 from dicom_node.lifetime import die_with_parent
 from dicom_node.logs import fields
+from dicom_node.queue.doorbell import Doorbells, IdleWait
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def _send(messages: Connection, message: WorkerMessage) -> None:
 
 
 def worker_main(config: NodeConfig, slot: int, owner: str, messages: Connection, stop: Connection,
-                parent_pid: int) -> None:
+                parent_pid: int, doorbells: Doorbells | None = None) -> None:
     """Entry point of a worker process (spawned by :class:`~dicom_node.pipeline.supervisor.WorkerPool`)."""
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the node; it stops us in order
@@ -85,6 +86,7 @@ def worker_main(config: NodeConfig, slot: int, owner: str, messages: Connection,
     store = open_job_store(config)
     processor = PhotoProcessor(config, store, Spool(config.data_dir), parser, owner)
     poll_s = config.worker.poll_interval_s
+    idle = IdleWait(doorbells.photo_received, poll_s) if doorbells is not None else None
     log.info(fields(event="worker.started", slot=slot, pid=os.getpid(), owner=owner))
     try:
         # The stop pipe is readable only at EOF: the node closed its end, or died.
@@ -96,9 +98,16 @@ def worker_main(config: NodeConfig, slot: int, owner: str, messages: Connection,
                 stop.poll(max(poll_s, 1.0))
                 continue
             if job is None:
-                stop.poll(poll_s)
+                if idle is not None:  # the pool rings it after closing the stop pipe, too
+                    idle.nothing_to_do()
+                else:
+                    stop.poll(poll_s)
                 continue
+            if idle is not None:
+                idle.found_work()
             finished = processor.run(job)
+            if doorbells is not None and finished is not None and finished.state == JobState.DISPATCHING:
+                doorbells.results_ready.ring()
             if finished is not None and finished.parse_s is not None and finished.state in parsed_states:
                 _send(messages, WorkerMessage("parsed", slot, os.getpid(), repr(finished.parse_s)))
     finally:
