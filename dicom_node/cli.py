@@ -21,6 +21,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dicom_node.config import RUNTIME_CHOICES
+
     parser = argparse.ArgumentParser(prog="dicom-node", description=__doc__)
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -36,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exact: the official semantics at the photo's size (default); fast: scores and label map "
                         "at the network-input size, about 35x faster on 12 MP photos, label maps agree on >99.5%% "
                         "of pixels")
-    p.add_argument("--runtime", choices=["auto", "eager", "openvino", "eager-int8"], default="auto",
+    p.add_argument("--runtime", choices=RUNTIME_CHOICES, default="auto",
                    help="auto (default): the fastest runtime whose results agree with eager fp32 on the parity "
                         "images (checked once per model and machine, logged); eager: the fp32 reference")
     _add_model_args(p)

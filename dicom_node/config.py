@@ -14,7 +14,7 @@ import os
 import socket
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -39,6 +39,11 @@ from pydicom.uid import (
 )
 
 from dicom_node.web.settings import HttpSettings
+
+# Inference runtimes of dicom_node.model.runtime (named here so that the CLI and the config can
+# offer them without importing torch): auto picks among the candidates by measurement.
+RuntimeName = Literal["auto", "eager", "openvino", "eager-int8"]
+RUNTIME_CHOICES: tuple[str, ...] = get_args(RuntimeName)
 
 ENV_PREFIX = "DICOM_NODE_"
 ENV_NESTED_DELIMITER = "__"
@@ -218,7 +223,7 @@ class WorkerSettings(_Section):
     torch_threads: int = Field(default=0, ge=0, description="per worker; 0: CPU cores / count")
     postprocess: Literal["exact", "fast"] = Field(
         default="exact", description="exact: official semantics at the photo's size; fast: at the network-input size")
-    runtime: Literal["auto", "eager", "openvino", "eager-int8"] = Field(
+    runtime: RuntimeName = Field(
         default="auto", description="auto: the fastest runtime that passes its agreement check against eager fp32")
     max_attempts: int = Field(default=3, ge=1, description="tries of one photo when its worker dies or the disk fails")
     poll_interval_s: float = Field(default=0.1, gt=0)

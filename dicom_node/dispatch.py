@@ -19,7 +19,7 @@ from dicom_node.config import DispatchSettings, NodeConfig
 from dicom_node.logs import fields
 from dicom_node.net.scu import AssociationError, StoreOutcome, store_files
 from dicom_node.net.spool import Spool
-from dicom_node.queue.doorbell import Doorbells, IdleWait
+from dicom_node.queue.doorbell import Doorbells, IdleWait, join_ringing
 from dicom_node.queue.job import Job
 from dicom_node.queue.store import JobStore, StaleJobError
 
@@ -66,11 +66,9 @@ class Dispatcher:
         """Stop taking jobs; a send in progress finishes or is abandoned (its lease is released at start)."""
         self._stop.set()
         deadline = time.monotonic() + timeout_s
+        bell = self.doorbells.results_ready if self.doorbells is not None else None
         for thread in self._threads:
-            while thread.is_alive() and time.monotonic() < deadline:
-                if self.doorbells is not None:  # wakes an idle thread (keep ringing: another may drain it)
-                    self.doorbells.results_ready.ring()
-                thread.join(timeout=min(0.05, max(0.0, deadline - time.monotonic())))
+            join_ringing(thread, bell, deadline)
 
     def _loop(self, owner: str) -> None:
         poll_s = self.config.dispatch.poll_interval_s

@@ -228,12 +228,13 @@ def store_files(
 def _balanced_groups(infos: list[_FileInfo], count: int) -> list[list[int]]:
     """Indices of ``infos`` in ``count`` groups of about equal bytes (largest first onto the lightest
     group), each group in list order."""
+    sizes = [info.path.stat().st_size for info in infos]
     groups: list[list[int]] = [[] for _ in range(min(count, len(infos)))]
     loads = [0] * len(groups)
-    for index in sorted(range(len(infos)), key=lambda i: -infos[i].path.stat().st_size):
+    for index in sorted(range(len(infos)), key=lambda i: -sizes[i]):
         lightest = loads.index(min(loads))
         groups[lightest].append(index)
-        loads[lightest] += infos[index].path.stat().st_size
+        loads[lightest] += sizes[index]
     return [sorted(group) for group in groups if group]
 
 

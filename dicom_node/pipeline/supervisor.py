@@ -26,7 +26,7 @@ from dicom_node.config import NodeConfig
 from dicom_node.health import Health
 from dicom_node.logs import fields
 from dicom_node.pipeline.worker import EXIT_MODEL_UNAVAILABLE, WorkerMessage, worker_main
-from dicom_node.queue.doorbell import Doorbells
+from dicom_node.queue.doorbell import Doorbells, join_ringing
 from dicom_node.queue.store import JobStore
 
 if TYPE_CHECKING:
@@ -99,10 +99,9 @@ class WorkerPool:
         for slot in self._slots:
             process = slot.process
             if process is not None:
-                while process.is_alive() and time.monotonic() < deadline:
-                    if self.doorbells is not None:  # an idle worker wakes and sees the closed pipe
-                        self.doorbells.photo_received.ring()
-                    process.join(timeout=min(0.1, max(0.0, deadline - time.monotonic())))
+                # an idle worker waits on the bell: it wakes and sees the closed pipe
+                bell = self.doorbells.photo_received if self.doorbells is not None else None
+                join_ringing(process, bell, deadline, 0.1)
                 if process.is_alive():
                     log.warning(fields(event="worker.killed", slot=slot.index, pid=process.pid,
                                        reason="did not stop in time"))

@@ -16,8 +16,10 @@ never does; intake then hung on its next photo (seen in the killed-worker test).
 from __future__ import annotations
 
 import multiprocessing
+import time
 from dataclasses import dataclass
 from multiprocessing.context import SpawnContext
+from typing import Protocol
 
 
 class Doorbell:
@@ -71,3 +73,18 @@ class IdleWait:
 
     def found_work(self) -> None:
         self._drained = False
+
+
+class _Joinable(Protocol):
+    def is_alive(self) -> bool: ...
+    def join(self, timeout: float | None = None) -> None: ...
+
+
+def join_ringing(stage: _Joinable, bell: Doorbell | None, deadline: float, every_s: float = 0.05) -> None:
+    """Join a stopping thread or process, ringing ``bell`` until it is gone or ``deadline`` (a
+    ``time.monotonic()`` value) passes: an idle stage waits on its bell, and one ring is not
+    enough, because another stage on the same bell may drain it first."""
+    while stage.is_alive() and time.monotonic() < deadline:
+        if bell is not None:
+            bell.ring()
+        stage.join(timeout=min(every_s, max(0.0, deadline - time.monotonic())))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from dicom_node.config import RUNTIME_CHOICES
 from dicom_node.logs import fields
 from dicom_node.model.checkpoint import LoadedModel
 from dicom_node.model.runtime.agreement import Agreement, check_agreement, reference_run
@@ -30,9 +31,8 @@ from dicom_node.model.runtime.eager import EagerRuntime
 
 log = logging.getLogger(__name__)
 
-CANDIDATES = ("openvino", "eager-int8")
-RUNTIMES = ("eager", *CANDIDATES)
-RUNTIME_CHOICES = ("auto", *RUNTIMES)
+RUNTIMES = tuple(name for name in RUNTIME_CHOICES if name != "auto")
+CANDIDATES = tuple(name for name in RUNTIMES if name != "eager")
 # ``auto`` takes a candidate only if it beat eager by this much in the same measurement: less is
 # within this machine's run-to-run noise (15-25 %) and not worth a graph export and its disk.
 MIN_SPEEDUP = 1.10
@@ -143,7 +143,7 @@ def _check_in_child(loaded: LoadedModel, names: list[str], threads: int | None, 
     """Run the checks in a fresh process (:mod:`.check`); None, or why they could not run.
 
     Exporting and checking the full model peaks near 6 GiB, and a parsing process keeps its
-    high-water mark (:mod:`dicom_node.model.allocator`): done here, a worker would hold that memory
+    high-water mark (:mod:`dicom_node.allocator`): done here, a worker would hold that memory
     for ever. A plain subprocess, because node workers are daemonic and may not fork children of
     their own through multiprocessing. It logs to our stderr and writes ``results_path``.
     """
