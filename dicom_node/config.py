@@ -10,69 +10,39 @@ below. ``config/node.example.toml`` explains every key.
 from __future__ import annotations
 
 import contextvars
+import ipaddress
 import os
 import socket
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
-from pydicom.uid import (
-    JPEG2000,
-    UID,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    RLELossless,
+from pydicom.uid import UID
+
+from dicom_node.decode.supported import (
+    DECODABLE_SOP_CLASSES,
+    DECODABLE_TRANSFER_SYNTAXES,
+    DEFAULT_MAX_PIXELS,
+    PHOTO_SOP_CLASS,
+    DecodeLimits,
 )
-
-from dicom_node.web.settings import HttpSettings
-
-# Inference runtimes of dicom_node.model.runtime (named here so that the CLI and the config can
-# offer them without importing torch): auto picks among the candidates by measurement.
-RuntimeName = Literal["auto", "eager", "openvino", "eager-int8"]
-RUNTIME_CHOICES: tuple[str, ...] = get_args(RuntimeName)
+from dicom_node.encode.options import EncodeOptions
+from dicom_node.model.names import DEFAULT_MODEL_DIR, PostprocessMode
+from dicom_node.model.runtime.names import RuntimeName
 
 ENV_PREFIX = "DICOM_NODE_"
 ENV_NESTED_DELIMITER = "__"
 DEFAULT_CONFIG_PATH = Path("config/node.toml")
 CONFIG_PATH_ENV = "DICOM_NODE_CONFIG"
 
-VL_PHOTOGRAPHIC_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.77.1.4"
-# SOP classes whose pixel forms dicom_node.decode.photo handles; accepting anything else would
-# acknowledge objects the worker can only fail.
-DECODABLE_SOP_CLASSES: frozenset[str] = frozenset({
-    VL_PHOTOGRAPHIC_IMAGE_STORAGE,
-    "1.2.840.10008.5.1.4.1.1.77.1.1",  # VL Endoscopic Image Storage
-    "1.2.840.10008.5.1.4.1.1.77.1.2",  # VL Microscopic Image Storage
-    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image Storage
-})
-# Transfer syntaxes the photo decoder reads (with the pinned pylibjpeg/pyjpegls plugins).
-DECODABLE_TRANSFER_SYNTAXES: tuple[str, ...] = (
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    JPEG2000Lossless,
-    JPEG2000,
-    RLELossless,
-)
 SENDER = "@sender"  # in routing.rules[].send_to: the destination configured for the calling AE
 
 _AE_MAX = 16  # VR AE: at most 16 characters (PS3.5 6.2)
@@ -118,14 +88,14 @@ class _Section(BaseModel):
 class IntakeSettings(_Section):
     """What the C-STORE SCP negotiates and how long it waits."""
 
-    accepted_sop_classes: list[str] = Field(default_factory=lambda: [VL_PHOTOGRAPHIC_IMAGE_STORAGE])
+    accepted_sop_classes: list[str] = Field(default_factory=lambda: [PHOTO_SOP_CLASS])
     accepted_transfer_syntaxes: list[str] = Field(default_factory=lambda: list(DECODABLE_TRANSFER_SYNTAXES))
     max_associations: int = Field(default=10, ge=1, le=256)
     max_pdu_bytes: int = Field(default=0, ge=0, description="0: no limit (fewest PDUs, fastest intake)")
     acse_timeout_s: float = Field(default=30.0, gt=0)
     dimse_timeout_s: float = Field(default=60.0, gt=0)
     network_timeout_s: float = Field(default=60.0, gt=0)
-    max_pixels: int = Field(default=100_000_000, ge=1)
+    max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
 
     @field_validator("accepted_sop_classes")
     @classmethod
@@ -153,6 +123,10 @@ class IntakeSettings(_Section):
             if not get_decoder(UID(uid)).is_available:
                 raise ValueError(f"no decoder plugin is installed for transfer syntax {uid} ({UID(uid).name})")
         return list(dict.fromkeys(out))
+
+    def decode_limits(self) -> DecodeLimits:
+        """What the worker's decoder holds a received photo to (the same rules intake accepted it by)."""
+        return DecodeLimits(self.max_pixels, frozenset(self.accepted_sop_classes))
 
 
 class Caller(_Section):
@@ -221,10 +195,12 @@ class WorkerSettings(_Section):
 
     count: int = Field(default=1, ge=0, le=64, description="0: accept and queue only, process nothing")
     torch_threads: int = Field(default=0, ge=0, description="per worker; 0: CPU cores / count")
-    postprocess: Literal["exact", "fast"] = Field(
-        default="exact", description="exact: official semantics at the photo's size; fast: at the network-input size")
+    postprocess: PostprocessMode = Field(
+        default=PostprocessMode.EXACT,
+        description="exact: official semantics at the photo's size; fast: at the network-input size")
     runtime: RuntimeName = Field(
-        default="auto", description="auto: the fastest runtime that passes its agreement check against eager fp32")
+        default=RuntimeName.AUTO,
+        description="auto: the fastest runtime that passes its agreement check against eager fp32")
     max_attempts: int = Field(default=3, ge=1, description="tries of one photo when its worker dies or the disk fails")
     poll_interval_s: float = Field(default=0.1, gt=0)
     restart_delay_s: float = Field(default=1.0, gt=0, description="first wait before restarting a dead worker")
@@ -250,20 +226,114 @@ class DispatchSettings(_Section):
     lease_s: float = Field(default=600.0, gt=0, description="how long a send may hold a job before others may")
 
 
-class ResultsSettings(_Section):
-    """How the SEG, SC and SR are labelled (passed to dicom_node.encode)."""
+_LABELS = EncodeOptions()  # the defaults of how results are labelled live with the encoder
 
-    sc_jpeg: bool = Field(default=False, description="send the overlay JPEG compressed (lossy, ~10x smaller)")
-    include_person_segments: bool = True
-    seg_series_number: int = Field(default=9101, gt=0, lt=2**31)
-    sc_series_number: int = Field(default=9102, gt=0, lt=2**31)
-    sr_series_number: int = Field(default=9103, gt=0, lt=2**31)
-    seg_series_description: str = Field(default="AI body-part segmentation (M2FP)", min_length=1, max_length=64)
-    sc_series_description: str = Field(default="AI body-part overlay (M2FP) - not for diagnosis", min_length=1,
-                                       max_length=64)
-    sr_series_description: str = Field(default="AI body-part measurements (M2FP)", min_length=1, max_length=64)
-    institution_name: str | None = Field(default=None, max_length=64)
-    uid_prefix: str | None = Field(default=None, pattern=r"^[0-9]+(\.[0-9]+)*\.$")
+
+class ResultsSettings(_Section):
+    """How the SEG, SC and SR are labelled: the configurable part of :class:`EncodeOptions`."""
+
+    sc_jpeg: bool = Field(default=_LABELS.sc_jpeg,
+                          description="send the overlay JPEG compressed (lossy, ~10x smaller)")
+    include_person_segments: bool = _LABELS.include_person_segments
+    seg_series_number: int = Field(default=_LABELS.seg_series_number, gt=0, lt=2**31)
+    sc_series_number: int = Field(default=_LABELS.sc_series_number, gt=0, lt=2**31)
+    sr_series_number: int = Field(default=_LABELS.sr_series_number, gt=0, lt=2**31)
+    seg_series_description: str = Field(default=_LABELS.seg_series_description, min_length=1, max_length=64)
+    sc_series_description: str = Field(default=_LABELS.sc_series_description, min_length=1, max_length=64)
+    sr_series_description: str = Field(default=_LABELS.sr_series_description, min_length=1, max_length=64)
+    institution_name: str | None = Field(default=_LABELS.institution_name, max_length=64)
+    uid_prefix: str | None = Field(default=_LABELS.uid_prefix, pattern=r"^[0-9]+(\.[0-9]+)*\.$")
+
+    def encode_options(self) -> EncodeOptions:
+        """The encoder's options with these labels (every field here is one of its fields)."""
+        return EncodeOptions(**self.model_dump())
+
+
+MIB = 1024 * 1024
+
+
+def is_loopback(address: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, ``localhost``)."""
+    if address.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: assume others can reach it
+
+
+class HttpSettings(_Section):
+    """Web UI, REST API, health and metrics on one HTTP port next to the DICOM port."""
+
+    enabled: bool = True
+    bind_address: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=8080, ge=0, le=65535, description="0: the kernel picks a free port (tests)")
+    token: SecretStr | None = Field(
+        default=None,
+        description="bearer token; required when bind_address is not a loopback address (set it with "
+                    "DICOM_NODE_HTTP__TOKEN rather than in the file)",
+    )
+    max_upload_bytes: int = Field(default=64 * MIB, ge=1024, description="larger uploads get 413")
+    max_pixels: int = Field(default=40_000_000, ge=1, description="photos with more pixels get 413")
+    max_waiting_parses: int = Field(default=4, ge=0, description="parses queued behind the running one; "
+                                                                  "more get 503")
+    parse_threads: int = Field(default=0, ge=0, description="torch threads of the API's parser; 0: half the cores")
+    min_free_disk_mb: int = Field(default=500, ge=0, description="/readyz fails below this much free space in "
+                                                                   "data_dir")
+
+    @property
+    def auth_required(self) -> bool:
+        return not is_loopback(self.bind_address)
+
+    @model_validator(mode="after")
+    def _token_off_loopback(self) -> HttpSettings:
+        if self.auth_required and (self.token is None or not self.token.get_secret_value().strip()):
+            raise ValueError(
+                f"http.token is required when http.bind_address ({self.bind_address}) is not a loopback "
+                "address: every request except /healthz must then carry it as a bearer token"
+            )
+        if self.token is not None and len(self.token.get_secret_value().strip()) < 16:
+            raise ValueError("http.token must be at least 16 characters long")
+        return self
+
+
+@dataclass(frozen=True)
+class Listener:
+    """Where and as whom intake listens."""
+
+    ae_title: str
+    bind_address: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Peers:
+    """Who may call the node and where it may send: the look-ups over ``callers`` and ``destinations``."""
+
+    callers: tuple[Caller, ...]
+    destinations: tuple[Destination, ...]
+
+    def destination(self, name: str) -> Destination:
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        raise KeyError(f"no destination named {name!r}")
+
+    def sender_destination(self, caller: Caller) -> Destination | None:
+        """The destination that results go to when a rule says '@sender' for this caller."""
+        if caller.return_to is not None:
+            return self.destination(caller.return_to)
+        for dest in self.destinations:
+            if dest.ae_title == caller.ae_title and (caller.host is None or dest.host == caller.host):
+                return dest
+        return None
+
+    def caller(self, ae_title: str, host: str | None) -> Caller | None:
+        """The caller entry that admits ``ae_title`` from ``host``, or None (association rejected)."""
+        for caller in self.callers:
+            if caller.ae_title == ae_title.strip() and (caller.host is None or host is None or caller.host == host):
+                return caller
+        return None
 
 
 def _default_node_id() -> str:
@@ -286,7 +356,7 @@ class NodeConfig(BaseSettings):
     bind_address: str = "127.0.0.1"
     port: int = Field(default=11112, ge=1, le=_PORT_MAX)
     data_dir: Path = Path("data")
-    model_dir: Path = Path("models/m2fp")
+    model_dir: Path = DEFAULT_MODEL_DIR
     auto_fetch_model: bool = True
     log_level: str = "INFO"
     intake: IntakeSettings = Field(default_factory=IntakeSettings)
@@ -336,7 +406,7 @@ class NodeConfig(BaseSettings):
             if rule.process and SENDER in rule.send_to:
                 for i, caller in enumerate(self.callers):
                     applies = not rule.calling_ae_titles or caller.ae_title in rule.calling_ae_titles
-                    if applies and self.sender_destination(caller) is None:
+                    if applies and self.peers.sender_destination(caller) is None:
                         raise ValueError(
                             f"callers[{i}] ({caller.ae_title}): routing.rules[{r}] sends results back to the "
                             f"sender, but no destination stands for it: set callers[{i}].return_to or add a "
@@ -347,29 +417,16 @@ class NodeConfig(BaseSettings):
                     raise ValueError(f"routing.rules[{r}].calling_ae_titles: {ae!r} is not in callers")
         return self
 
-    # ---------------------------------------------------------------- look-ups
+    # ---------------------------------------------------------------- what each stage is given
 
-    def destination(self, name: str) -> Destination:
-        for dest in self.destinations:
-            if dest.name == name:
-                return dest
-        raise KeyError(f"no destination named {name!r}")
+    @property
+    def peers(self) -> Peers:
+        """The configured callers and destinations, with the look-ups intake, routing and dispatch use."""
+        return Peers(tuple(self.callers), tuple(self.destinations))
 
-    def sender_destination(self, caller: Caller) -> Destination | None:
-        """The destination that results go to when a rule says '@sender' for this caller."""
-        if caller.return_to is not None:
-            return self.destination(caller.return_to)
-        for dest in self.destinations:
-            if dest.ae_title == caller.ae_title and (caller.host is None or dest.host == caller.host):
-                return dest
-        return None
-
-    def caller(self, ae_title: str, host: str | None) -> Caller | None:
-        """The caller entry that admits ``ae_title`` from ``host``, or None (association rejected)."""
-        for caller in self.callers:
-            if caller.ae_title == ae_title.strip() and (caller.host is None or host is None or caller.host == host):
-                return caller
-        return None
+    @property
+    def listener(self) -> Listener:
+        return Listener(self.ae_title, self.bind_address, self.port)
 
     @property
     def spool_dir(self) -> Path:

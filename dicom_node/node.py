@@ -1,6 +1,9 @@
 """``dicom-node serve``: the stages wired together.
 
-    intake (net.scp) -> job store (queue) -> workers (pipeline) -> job store -> dispatch -> PACS
+    intake (intake.scp) -> job store (queue) -> workers (pipeline) -> job store -> dispatch -> PACS
+
+This is the one module that knows every room: it hands each stage its own section of the
+configuration, the shared job store, spool, metrics and doorbells, and mounts the web side on top.
 
 Each stage talks to the others only through the job store and the spool, so each can stop and
 restart on its own, and at start every job an earlier run left mid-way (received, parsing,
@@ -18,22 +21,35 @@ import socket
 import sys
 import threading
 import time
-from pathlib import Path
 
 from dicom_node.allocator import NODE as NODE_THRESHOLDS
 from dicom_node.allocator import keep_freed_memory
 from dicom_node.config import NodeConfig
-from dicom_node.dispatch import Dispatcher
-from dicom_node.health import Health
+from dicom_node.dispatch.dispatcher import Dispatcher
+from dicom_node.intake.scp import IntakeSCP
 from dicom_node.logs import fields
-from dicom_node.net.scp import IntakeSCP
-from dicom_node.net.spool import Spool
+from dicom_node.model.names import model_present
+from dicom_node.monitor.health import Health
+from dicom_node.monitor.metrics import NodeMetrics
+from dicom_node.monitor.readiness import (
+    MB,
+    Check,
+    Readiness,
+    disk_space_check,
+    health_model_check,
+    job_store_check,
+    listener_check,
+)
+from dicom_node.pipeline.routing import Router
 from dicom_node.pipeline.supervisor import WorkerPool
+from dicom_node.pipeline.worker import WorkerSetup
 from dicom_node.queue.doorbell import new_doorbells
+from dicom_node.queue.factory import open_job_store
 from dicom_node.queue.job import JobState
-from dicom_node.queue.store import JobStore, open_job_store
-from dicom_node.web.metrics import NodeMetrics
-from dicom_node.web.mount import app_for_node, node_metrics
+from dicom_node.queue.owners import node_owners
+from dicom_node.queue.store import JobStore
+from dicom_node.spool.local import LocalSpool
+from dicom_node.web.mount import node_app
 from dicom_node.web.server import HttpServer
 
 log = logging.getLogger("dicom_node.node")
@@ -64,12 +80,6 @@ def _resolves(host: str, timeout_s: float = DNS_TIMEOUT_S) -> bool:
     thread.start()
     thread.join(timeout_s)
     return bool(outcome and outcome[0])
-
-
-def model_present(model_dir: Path) -> bool:
-    from dicom_node.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE
-
-    return (model_dir / CONFIG_FILE).is_file() and (model_dir / WEIGHTS_FILE).is_file()
 
 
 def ensure_model(config: NodeConfig) -> None:
@@ -108,7 +118,7 @@ def ensure_model(config: NodeConfig) -> None:
 
 def recover(config: NodeConfig, store: JobStore) -> list[int]:
     """Release what this node held when it last stopped, so every interrupted job resumes."""
-    released = store.release_owner(f"{config.node_id}/", "the node stopped while this job was in progress",
+    released = store.release_owner(node_owners(config.node_id), "the node stopped while this job was in progress",
                                    config.worker.max_attempts)
     counts = store.counts()
     log.info(fields(event="node.recovered", released=len(released),
@@ -116,12 +126,26 @@ def recover(config: NodeConfig, store: JobStore) -> list[int]:
     return [job.id for job in released]
 
 
+def worker_setup(config: NodeConfig) -> WorkerSetup:
+    """What each worker process is given: its section, and what decode, routing and encode need."""
+    return WorkerSetup(
+        settings=config.worker,
+        model_dir=config.model_dir,
+        job_db_path=config.job_db_path,
+        data_dir=config.data_dir,
+        log_level=config.log_level,
+        router=Router(config.routing.rules, config.peers),
+        limits=config.intake.decode_limits(),
+        labels=config.results.encode_options(),
+    )
+
+
 class Node:
     """One running node: intake, workers, dispatch and health around one job store."""
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
-        self.spool = Spool(config.data_dir)
+        self.spool = LocalSpool(config.data_dir)
         self.store: JobStore | None = None
         self.health: Health | None = None
         self.intake: IntakeSCP | None = None
@@ -134,9 +158,9 @@ class Node:
     def start(self) -> None:
         config = self.config
         self.spool.prepare()
-        store = self.store = open_job_store(config)
+        store = self.store = open_job_store(config.job_db_path)
         recover(config, store)
-        self.metrics = node_metrics(self)
+        metrics = self.metrics = NodeMetrics(job_store=store)
 
         def waiting() -> int:
             counts = store.counts()
@@ -144,36 +168,53 @@ class Node:
 
         # Nothing is written to health.json before the workers have said "loading the model":
         # a reader must never see a node that is ready before it can process anything.
-        self.health = Health(config.health_path, config.worker.not_ready_log_interval_s, waiting)
+        health = self.health = Health(config.health_path, config.worker.not_ready_log_interval_s, waiting)
         doorbells = new_doorbells()
-        self.intake = IntakeSCP(config, store, self.spool, self.metrics, doorbells)
+        intake = self.intake = IntakeSCP(config.listener, config.intake, config.peers, store, self.spool, metrics,
+                                         doorbells.photo_received)
+        metrics.count_open_associations(lambda: intake.open_associations)
         try:
-            self.intake.start()
+            intake.start()
         except OSError as exc:
             store.close()
             raise NodeStartError(f"cannot listen on {config.bind_address}:{config.port}: {exc.strerror or exc}. "
                                  "Is another node or PACS using that port?") from exc
         if config.http.enabled:
-            self.http = HttpServer(app_for_node(self, config.http, self.metrics), config.http.bind_address,
-                                   config.http.port)
+            app = node_app(config.http, config.model_dir, config.worker.runtime, store, self.readiness(), metrics)
+            self.http = HttpServer(app, config.http.bind_address, config.http.port)
             try:
                 self.http.start()
             except OSError as exc:
-                self.intake.stop()
+                intake.stop()
                 store.close()
                 raise NodeStartError(f"cannot serve HTTP on {config.http.bind_address}:{config.http.port}: "
                                      f"{exc.strerror or exc}. Is another program using that port? "
                                      "(http.port, or http.enabled = false)") from exc
-        self.workers = WorkerPool(config, store, self.health, self.metrics, doorbells)
+        self.workers = WorkerPool(worker_setup(config), config.node_id, store, health, metrics, doorbells)
         self.workers.start()
-        self.health.set_info(ae_title=config.ae_title, port=self.intake.port, node_id=config.node_id,
-                             http_port=self.http.port if self.http else None)
-        self.dispatcher = Dispatcher(config, store, self.spool, self.metrics, doorbells)
+        health.set_info(ae_title=config.ae_title, port=intake.port, node_id=config.node_id,
+                        http_port=self.http.port if self.http else None)
+        self.dispatcher = Dispatcher(config.dispatch, config.peers, config.ae_title, config.node_id, store,
+                                     self.spool, metrics, doorbells.results_ready)
         self.dispatcher.start()
-        self.health.start()
+        health.start()
         log.info(fields(event="node.started", ae_title=config.ae_title, address=config.bind_address,
-                        port=self.intake.port, http_port=self.http.port if self.http else None,
+                        port=intake.port, http_port=self.http.port if self.http else None,
                         workers=config.worker.count, data_dir=config.data_dir))
+
+    def readiness(self) -> Readiness:
+        """``/readyz``: the workers' model, the job store, free disk space, the DICOM port."""
+        config = self.config
+        checks: dict[str, Check] = {}
+        if self.health is not None:
+            checks["model"] = health_model_check(self.health)
+        if self.store is not None:
+            checks["job_store"] = job_store_check(self.store, config.data_dir)
+        checks["disk_space"] = disk_space_check(config.data_dir, config.http.min_free_disk_mb * MB)
+        intake = self.intake
+        where = f"{config.bind_address}:{intake.port if intake is not None else config.port}"
+        checks["dicom_listener"] = listener_check(lambda: intake is not None and intake.listening, where)
+        return Readiness(checks)
 
     def stop(self) -> None:
         """Stop intake first (peers keep what we no longer acknowledge), then workers and dispatch."""

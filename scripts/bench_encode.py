@@ -19,7 +19,8 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from dicom_node.encode import EncodeOptions, encode_results, warm_up
+from dicom_node.encode.options import EncodeOptions
+from dicom_node.encode.results import encode_results, warm_up
 from dicom_node.parse.result import result_from_label_map
 
 TARGET_S = 1.0

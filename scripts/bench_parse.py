@@ -57,7 +57,7 @@ def _parser(model_dir: Path, runtime: str, threads: int, postprocess: str):
 
     torch.set_num_threads(threads)
     from dicom_node.model.checkpoint import load_model_dir
-    from dicom_node.model.runtime import build_runtime
+    from dicom_node.model.runtime.registry import build_runtime
     from dicom_node.parse.engine import HumanParser
 
     loaded = load_model_dir(model_dir)
@@ -185,7 +185,7 @@ def agreements(model_dir: Path, runtimes: list[str], threads: int) -> dict[str, 
 
     torch.set_num_threads(threads)
     from dicom_node.model.checkpoint import load_model_dir
-    from dicom_node.model.runtime import choose_runtime
+    from dicom_node.model.runtime.choice import choose_runtime
 
     loaded = load_model_dir(model_dir)
     loaded.model.prepare_for_inference()

@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydicom.uid import VLPhotographicImageStorage as VL_PHOTOGRAPHIC_IMAGE_STORAGE
 
 from dicom_node.config import (
     DEFAULT_CONFIG_PATH,
-    VL_PHOTOGRAPHIC_IMAGE_STORAGE,
     ConfigError,
     NodeConfig,
     load_config,
@@ -57,10 +57,10 @@ def test_defaults_are_safe_and_complete(tmp_path: Path, monkeypatch: pytest.Monk
 @pytest.mark.parametrize("name", ["node.toml", "node.example.toml"])
 def test_shipped_configurations_load(name: str) -> None:
     config = load_config(REPO / "config" / name)
-    assert config.destination("pacs").ae_title == "ORTHANC"
-    caller = config.caller("ORTHANC", "127.0.0.1")
-    assert caller is not None and config.sender_destination(caller).name == "pacs"
-    assert config.caller("ORTHANC", "10.9.9.9") is None  # pinned to its host
+    assert config.peers.destination("pacs").ae_title == "ORTHANC"
+    caller = config.peers.caller("ORTHANC", "127.0.0.1")
+    assert caller is not None and config.peers.sender_destination(caller).name == "pacs"
+    assert config.peers.caller("ORTHANC", "10.9.9.9") is None  # pinned to its host
 
 
 def test_default_path_is_config_node_toml(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -81,7 +81,7 @@ def test_environment_overrides_the_file_nested_with_double_underscore(
     assert config.port == 2000
     assert config.dispatch.max_attempts == 7
     assert config.dispatch.backoff_initial_s == 1.0  # the rest of the table stays from the file
-    assert config.destination("pacs").host == "10.0.0.6"
+    assert config.peers.destination("pacs").host == "10.0.0.6"
 
 
 def test_config_path_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -163,14 +163,13 @@ def test_config_is_frozen() -> None:
 
 def test_result_series_numbers_and_descriptions_reach_the_encoder(tmp_path) -> None:
     from dicom_node.config import load_config
-    from dicom_node.pipeline.processor import encode_options
 
     path = tmp_path / "node.toml"
     path.write_text(
         (REPO / "config" / "node.toml").read_text()
         + '\n[results]\nseg_series_number = 42\nsr_series_description = "Burn area report"\n'
     )
-    options = encode_options(load_config(path))
+    options = load_config(path).results.encode_options()
     assert options.seg_series_number == 42
     assert options.sr_series_description == "Burn area report"
     assert options.sc_series_number == 9102  # the default stays

@@ -29,12 +29,8 @@ from pydicom.uid import (
 )
 
 from dicom_node.decode.errors import CorruptPhotoError, PhotoError, UnsupportedPhotoError
-from dicom_node.decode.photo import (
-    DEFAULT_ACCEPTED_SOP_CLASSES,
-    Photo,
-    load_photo,
-    photo_from_dataset,
-)
+from dicom_node.decode.photo import Photo, load_photo, photo_from_dataset
+from dicom_node.decode.supported import DECODABLE_SOP_CLASSES
 from tests.photo_factory import (
     PATCH_COLOURS,
     SECONDARY_CAPTURE,
@@ -285,7 +281,7 @@ def test_img2dcm_jpeg_of_a_real_size_photo(tmp_path):
     ids=["photographic", "endoscopic", "microscopic", "secondary-capture"],
 )
 def test_default_accepts_the_four_photo_sop_classes(sop_class):
-    assert sop_class in DEFAULT_ACCEPTED_SOP_CLASSES
+    assert sop_class in DECODABLE_SOP_CLASSES
     photo = photo_from_dataset(make_vl_photo(RGB, sop_class=sop_class))
     assert np.array_equal(photo.rgb, RGB)
 

@@ -12,10 +12,12 @@ import pytest
 from pydicom.uid import JPEGBaseline8Bit
 
 from dicom_node.config import DispatchSettings, NodeConfig
-from dicom_node.dispatch import Dispatcher, backoff_delay_s
-from dicom_node.net.spool import Spool
+from dicom_node.dispatch.dispatcher import Dispatcher, backoff_delay_s
+from dicom_node.monitor.metrics import NullMetrics
+from dicom_node.queue.doorbell import new_doorbells
 from dicom_node.queue.job import JobState, NewJob, ResultObject
 from dicom_node.queue.sqlite_store import SqliteJobStore
+from dicom_node.spool.local import LocalSpool
 from tests.node_fixtures import StoreSCP, free_port, need_tools, wait_until
 from tests.photo_factory import make_vl_photo, synthetic_rgb
 
@@ -38,12 +40,17 @@ def make_setup(tmp_path: Path, pacs_port: int, **dispatch: object):
                   **dispatch},
     )
     store = SqliteJobStore(config.job_db_path)
-    spool = Spool(config.data_dir)
+    spool = LocalSpool(config.data_dir)
     spool.prepare()
     return config, store, spool
 
 
-def job_with_results(store: SqliteJobStore, spool: Spool, datasets: list) -> int:
+def dispatcher_for(config: NodeConfig, store: SqliteJobStore, spool: LocalSpool) -> Dispatcher:
+    return Dispatcher(config.dispatch, config.peers, config.ae_title, config.node_id, store, spool, NullMetrics(),
+                      new_doorbells().results_ready)
+
+
+def job_with_results(store: SqliteJobStore, spool: LocalSpool, datasets: list) -> int:
     """A job as a worker leaves it: results spooled, DISPATCHING to 'pacs'."""
     job, _ = store.add_received(NewJob("1.2.3." + str(time.time_ns()), "1.2.840.10008.5.1.4.1.1.77.1.4",
                                        "1.2.840.10008.1.2.1", "MOD", "127.0.0.1", "spool/photos/x.dcm"))
@@ -66,7 +73,7 @@ def test_results_are_delivered_and_recorded(tmp_path: Path) -> None:
         config, store, spool = make_setup(tmp_path, pacs.port)
         datasets = [make_vl_photo(synthetic_rgb(32, 48)) for _ in range(3)]
         job_id = job_with_results(store, spool, datasets)
-        dispatcher = Dispatcher(config, store, spool)
+        dispatcher = dispatcher_for(config, store, spool)
         done = dispatcher.dispatch(store.claim_for_dispatch(OWNER, 60), OWNER)
         assert done.state == JobState.DONE and len(done.deliveries) == 3
         received = {pydicom.dcmread(p).SOPInstanceUID for p in pacs.files()}
@@ -81,7 +88,7 @@ def test_outage_backs_off_then_delivers_when_the_pacs_returns(tmp_path: Path) ->
     port = free_port()
     config, store, spool = make_setup(tmp_path, port, backoff_initial_s=0.5, backoff_max_s=0.5)
     job_id = job_with_results(store, spool, [make_vl_photo(synthetic_rgb(32, 48)) for _ in range(3)])
-    dispatcher = Dispatcher(config, store, spool)
+    dispatcher = dispatcher_for(config, store, spool)
 
     before = time.time()
     waiting = dispatcher.dispatch(store.claim_for_dispatch(OWNER, 60), OWNER)
@@ -103,7 +110,7 @@ def test_outage_backs_off_then_delivers_when_the_pacs_returns(tmp_path: Path) ->
 def test_past_the_limit_the_job_waits_for_a_person(tmp_path: Path) -> None:
     config, store, spool = make_setup(tmp_path, free_port(), max_attempts=2, backoff_initial_s=0.1)
     job_id = job_with_results(store, spool, [make_vl_photo(synthetic_rgb(32, 48))])
-    dispatcher = Dispatcher(config, store, spool)
+    dispatcher = dispatcher_for(config, store, spool)
     dispatcher.dispatch(store.claim_for_dispatch(OWNER, 60), OWNER)
     time.sleep(0.15)
     failed = dispatcher.dispatch(store.claim_for_dispatch(OWNER, 60), OWNER)
@@ -119,7 +126,7 @@ def test_compressed_results_are_decompressed_for_a_pacs_that_only_takes_uncompre
         config, store, spool = make_setup(tmp_path, pacs.port)
         jpeg = make_vl_photo(synthetic_rgb(64, 96), transfer_syntax=JPEGBaseline8Bit)
         job_with_results(store, spool, [jpeg])
-        done = Dispatcher(config, store, spool).dispatch(store.claim_for_dispatch(OWNER, 60), OWNER)
+        done = dispatcher_for(config, store, spool).dispatch(store.claim_for_dispatch(OWNER, 60), OWNER)
         assert done.state == JobState.DONE
         (received,) = [pydicom.dcmread(p) for p in pacs.files()]
         assert received.SOPInstanceUID == jpeg.SOPInstanceUID
@@ -181,7 +188,7 @@ def _uid(path: Path) -> str:
 
 
 def test_parallel_associations_deliver_everything_and_the_last_file_last(tmp_path: Path) -> None:
-    from dicom_node.net.scu import Peer, store_files
+    from dicom_node.dispatch.scu import Peer, store_files
 
     scp = _RecordingSCP(maximum_associations=4, handler_delay_s=0.2)
     try:
@@ -199,7 +206,7 @@ def test_parallel_associations_deliver_everything_and_the_last_file_last(tmp_pat
 
 
 def test_a_refused_second_association_still_delivers_everything(tmp_path: Path) -> None:
-    from dicom_node.net.scu import Peer, store_files
+    from dicom_node.dispatch.scu import Peer, store_files
 
     scp = _RecordingSCP(maximum_associations=1, handler_delay_s=0.2)
     try:
@@ -214,7 +221,7 @@ def test_a_refused_second_association_still_delivers_everything(tmp_path: Path) 
 
 
 def test_parallel_send_to_a_peer_that_is_down_raises(tmp_path: Path) -> None:
-    from dicom_node.net.scu import AssociationError, Peer, store_files
+    from dicom_node.dispatch.scu import AssociationError, Peer, store_files
 
     with pytest.raises(AssociationError, match="cannot connect"):
         store_files(Peer("NOBODY", "127.0.0.1", free_port()), _files(tmp_path, [16, 16, 16]), "NODE",
@@ -229,7 +236,7 @@ def test_parallel_send_to_storescp_that_serves_one_association_at_a_time(tmp_pat
         assert config.dispatch.associations_per_job == 2  # the default is what this exercises
         datasets = [make_vl_photo(synthetic_rgb(side, side)) for side in (200, 100, 16)]
         job_id = job_with_results(store, spool, datasets)
-        done = Dispatcher(config, store, spool).dispatch(store.claim_for_dispatch(OWNER, 60), OWNER)
+        done = dispatcher_for(config, store, spool).dispatch(store.claim_for_dispatch(OWNER, 60), OWNER)
         assert done.state == JobState.DONE and len(done.deliveries) == 3
         assert {pydicom.dcmread(p).SOPInstanceUID for p in pacs.files()} == {d.SOPInstanceUID for d in datasets}
         assert store.get(job_id).dispatch_attempts == 0

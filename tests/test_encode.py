@@ -15,7 +15,8 @@ from pydicom.uid import JPEGBaseline8Bit
 
 from dicom_node.decode.photo import photo_from_dataset
 from dicom_node.encode import codes as codetable
-from dicom_node.encode.common import EncodeOptions, lossy_compression_history
+from dicom_node.encode.common import lossy_compression_history
+from dicom_node.encode.options import EncodeOptions
 from dicom_node.encode.results import EncodedResults, encode_results
 from dicom_node.encode.sc import build_overlay_sc
 from dicom_node.encode.seg import _BinarySegmentation, build_segmentation, plan_segments, segment_description
@@ -24,7 +25,7 @@ from dicom_node.encode.validate import dciodvfy_available, validate
 from dicom_node.parse.classes import CLASS_NAMES, HUMAN, class_color
 from dicom_node.parse.render import overlay
 from dicom_node.parse.result import ParsingResult, result_from_label_map
-from dicom_node.parse.statistics import lesion_statistics, region_statistics
+from dicom_node.parse.statistics import region_statistics
 from tests.photo_factory import (
     make_grey_photo,
     make_jpeg_photo_with_img2dcm,
@@ -408,10 +409,48 @@ def test_sc_rejects_a_non_rgb_overlay(rgb_photo):
 # --------------------------------------------------------------------------------- SR
 
 
+def _expected_sr_figures(result: ParsingResult, lesion: np.ndarray) -> dict:
+    """The SR's figures counted by definition from the parsing's arrays (plain numpy, no package code).
+
+    Regions are the part classes 1..19 that own a label-map pixel. ``image`` percentages are over
+    all photo pixels; ``persons`` percentages over the union of the person masks; the lesion
+    percentage is over the region's own pixels.
+    """
+    label_map = np.asarray(result.label_map)
+    masks = [np.asarray(p.mask, dtype=bool) for p in result.persons]
+    union = np.logical_or.reduce(masks) if masks else np.zeros(label_map.shape, bool)
+    all_pixels = label_map.shape[0] * label_map.shape[1]
+    union_pixels = int(union.sum())
+    regions = {}
+    for c in range(1, len(CLASS_NAMES)):
+        region = label_map == c
+        pixels = int(region.sum())
+        if pixels == 0:
+            continue
+        hit = int((region & lesion).sum())
+        regions[c] = {
+            "pixels": pixels,
+            "percent_of_image": 100.0 * pixels / all_pixels,
+            "percent_of_persons": 100.0 * int((region & union).sum()) / union_pixels,
+            "lesion_pixels": hit,
+            "lesion_percent": 100.0 * hit / pixels,
+        }
+    persons = [
+        {"pixels": int(m.sum()), "percent_of_image": 100.0 * int(m.sum()) / all_pixels} for m in masks
+    ]
+    return {"person_count": len(masks), "person_pixels": union_pixels, "regions": regions, "persons": persons}
+
+
 def test_sr_numbers_equal_the_statistics(rgb_photo, tmp_path):
     result = synthetic_parsing()
-    statistics = region_statistics(result)
-    lesions = {item.class_index: item for item in lesion_statistics(result, lesion_mask())}
+    expected = _expected_sr_figures(result, lesion_mask())
+    # hand counts of synthetic_parsing's rectangles, so the numpy definitions above are checked too:
+    # persons 88x46 and 50x32 overlapping on 50x5 pixels; the face 12x16; the lesion 14x4 on the
+    # upper clothes and 14x8 on the left arm
+    assert expected["person_pixels"] == 88 * 46 + 50 * 32 - 50 * 5
+    assert expected["regions"][13]["pixels"] == 12 * 16
+    assert expected["regions"][5]["lesion_pixels"] == 14 * 4
+    assert expected["regions"][14]["lesion_pixels"] == 14 * 8
     encoded = encode(rgb_photo, result)
     paths = write_all(encoded, tmp_path)
     sr = hd.sr.srread(paths["sr"])
@@ -423,15 +462,15 @@ def test_sr_numbers_equal_the_statistics(rgb_photo, tmp_path):
         g for g in report.get_image_measurement_groups() if g.tracking_identifier == "Persons in image"
     ]
     values = {m.name.value: m.value for m in image_group.get_measurements()}
-    assert values[codetable.PERSON_COUNT.value] == statistics.person_count == 2
-    assert values[codetable.AREA.value] == statistics.person_pixels
+    assert values[codetable.PERSON_COUNT.value] == expected["person_count"] == 2
+    assert values[codetable.AREA.value] == expected["person_pixels"]
 
     groups = {g.tracking_identifier: g for g in report.get_volumetric_roi_measurement_groups()}
     seg_uids = {item.TrackingID: item.TrackingUID for item in seg.SegmentSequence}
     seg_numbers = {item.TrackingID: item.SegmentNumber for item in seg.SegmentSequence}
-    assert len(groups) == len(statistics.regions) + len(statistics.persons)
-    for region in statistics.regions:
-        label = codetable.class_coding(region.class_index).label
+    assert len(groups) == len(expected["regions"]) + len(expected["persons"])
+    for class_index, region in expected["regions"].items():
+        label = codetable.class_coding(class_index).label
         group = groups[label]
         assert group.tracking_uid == seg_uids[label]  # same region in SEG and SR (TID 4108)
         reference = group.referenced_segment
@@ -440,22 +479,21 @@ def test_sr_numbers_equal_the_statistics(rgb_photo, tmp_path):
         source = reference[1].ReferencedSOPSequence[0]
         assert source.ReferencedSOPInstanceUID == rgb_photo.dataset.SOPInstanceUID
         values = {m.name.value: m for m in group.get_measurements()}
-        assert values[codetable.AREA.value].value == region.pixels
+        assert values[codetable.AREA.value].value == region["pixels"]
         assert values[codetable.AREA.value].unit.value == "{pixels}"
         of_image = values[codetable.AREA_PERCENT_OF_IMAGE.value]
         of_persons = values[codetable.AREA_PERCENT_OF_PERSONS.value]
-        assert of_image.value == pytest.approx(100 * region.image_fraction)
-        assert of_persons.value == pytest.approx(100 * region.person_fraction)
+        assert of_image.value == pytest.approx(region["percent_of_image"])
+        assert of_persons.value == pytest.approx(region["percent_of_persons"])
         assert of_image.unit.value == of_persons.unit.value == "%"
-        lesion = lesions[region.class_index]
-        assert values[codetable.LESION_AREA.value].value == lesion.lesion_pixels
-        assert values[codetable.LESION_PERCENT_OF_REGION.value].value == pytest.approx(lesion.lesion_percent)
-    for person in statistics.persons:
-        group = groups[f"Person {person.person_index + 1}"]
+        assert values[codetable.LESION_AREA.value].value == region["lesion_pixels"]
+        assert values[codetable.LESION_PERCENT_OF_REGION.value].value == pytest.approx(region["lesion_percent"])
+    for index, person in enumerate(expected["persons"]):
+        group = groups[f"Person {index + 1}"]
         values = {m.name.value: m.value for m in group.get_measurements()}
-        assert values[codetable.AREA.value] == person.pixels
-        assert values[codetable.AREA_PERCENT_OF_IMAGE.value] == pytest.approx(100 * person.image_fraction)
-    assert any(lesion.lesion_pixels > 0 for lesion in lesions.values())
+        assert values[codetable.AREA.value] == person["pixels"]
+        assert values[codetable.AREA_PERCENT_OF_IMAGE.value] == pytest.approx(person["percent_of_image"])
+    assert any(region["lesion_pixels"] > 0 for region in expected["regions"].values())
 
 
 def test_sr_observer_is_the_node_and_groups_name_the_algorithm(rgb_photo, tmp_path):
@@ -535,10 +573,36 @@ def test_photo_without_type2_patient_and_study_attributes(tmp_path):
         assert validate(path).errors == []
 
 
-def test_warm_up_runs():
-    from dicom_node.encode import warm_up
+def _highdicom_standard_tables():
+    """highdicom's lazily read tables of the standard (JSON files of 0.3 MB to 22 MB, each cached
+    by ``functools.lru_cache``): the cost that ``warm_up`` exists to pay before the first photo."""
+    from highdicom import _standard_utils
+
+    return {
+        "sop_class_iod_map": _standard_utils.get_sop_class_iod_map,
+        "iod_module_map": _standard_utils.get_iod_module_map,
+        "module_attribute_map": _standard_utils.get_module_attribute_map,
+    }
+
+
+def test_warm_up_loads_the_tables_a_photo_needs(rgb_photo):
+    from dicom_node.encode.results import warm_up
+
+    tables = _highdicom_standard_tables()
+    for table in tables.values():
+        table.cache_clear()  # as in a fresh process: nothing read yet
+    assert {name: t.cache_info().currsize for name, t in tables.items()} == dict.fromkeys(tables, 0)
 
     warm_up()
+    assert {name: t.cache_info().currsize for name, t in tables.items()} == dict.fromkeys(tables, 1)
+
+    # and they are the tables a real photo's SEG, SC and SR need: building them reads none again
+    before = {name: t.cache_info() for name, t in tables.items()}
+    encoded = encode(rgb_photo)
+    assert encoded.seg is not None and encoded.sc is not None and encoded.sr is not None
+    after = {name: t.cache_info() for name, t in tables.items()}
+    assert {name: info.misses for name, info in after.items()} == {n: i.misses for n, i in before.items()}
+    assert all(after[name].hits > before[name].hits for name in tables), after  # consulted, from memory
 
 
 def test_options_are_checked_up_front():

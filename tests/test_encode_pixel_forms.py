@@ -47,7 +47,7 @@ from pydicom.uid import (
 from dicom_node.decode.errors import CorruptPhotoError, PhotoError
 from dicom_node.decode.photo import load_photo, photo_from_dataset
 from dicom_node.encode import codes as codetable
-from dicom_node.encode.common import EncodeOptions
+from dicom_node.encode.options import EncodeOptions
 from dicom_node.encode.results import EncodedResults, encode_results
 from dicom_node.encode.validate import validate
 from dicom_node.parse.engine import HumanParser

@@ -6,7 +6,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from dicom_node.config import NodeConfig
-from dicom_node.routing import Route, Router, RoutingError
+from dicom_node.pipeline.routing import Route, Router, RoutingError
 
 
 def photo(**tags: object) -> Dataset:
@@ -17,9 +17,13 @@ def photo(**tags: object) -> Dataset:
     return ds
 
 
+def router_of(config: NodeConfig) -> Router:
+    return Router(config.routing.rules, config.peers)
+
+
 @pytest.fixture
 def router() -> Router:
-    return Router(NodeConfig(
+    return router_of(NodeConfig(
         callers=[
             {"ae_title": "DERMA_PACS", "host": "10.0.0.5", "return_to": "pacs"},
             {"ae_title": "CAMERA"},  # its destination is found by AE title
@@ -64,7 +68,7 @@ def test_no_rule_means_none(router: Router) -> None:
 
 def test_a_sender_no_longer_configured_is_a_routing_error() -> None:
     """A photo received before its sender was removed from the configuration has nowhere to go back to."""
-    router = Router(NodeConfig(
+    router = router_of(NodeConfig(
         callers=[{"ae_title": "PACS", "return_to": "pacs"}],
         destinations=[{"name": "pacs", "ae_title": "PACS", "host": "10.0.0.5", "port": 104}],
     ))

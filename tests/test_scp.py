@@ -15,12 +15,14 @@ import pydicom
 import pytest
 
 from dicom_node.config import NodeConfig
+from dicom_node.dispatch.scu import AssociationError, Peer, store_files
+from dicom_node.intake.scp import IntakeSCP
+from dicom_node.monitor.metrics import NullMetrics
 from dicom_node.net import status
-from dicom_node.net.scp import IntakeSCP
-from dicom_node.net.scu import AssociationError, Peer, store_files
-from dicom_node.net.spool import Spool, atomic_write
+from dicom_node.queue.doorbell import new_doorbells
 from dicom_node.queue.job import JobState
 from dicom_node.queue.sqlite_store import SqliteJobStore
+from dicom_node.spool.local import LocalSpool
 from tests.node_fixtures import NODE_AET, SCU_AET, free_port, need_tools, storescu, write_photos
 from tests.photo_factory import make_jpeg_photo_with_img2dcm, make_vl_photo, synthetic_rgb, write_dataset
 
@@ -35,9 +37,10 @@ def intake(tmp_path: Path):
         destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}],
     )
     store = SqliteJobStore(config.job_db_path)
-    spool = Spool(config.data_dir)
+    spool = LocalSpool(config.data_dir)
     spool.prepare()
-    scp = IntakeSCP(config, store, spool)
+    scp = IntakeSCP(config.listener, config.intake, config.peers, store, spool, NullMetrics(),
+                    new_doorbells().photo_received)
     scp.start()
     yield scp
     scp.stop()
@@ -127,41 +130,3 @@ def test_a_job_store_that_cannot_commit_answers_out_of_resources(intake: IntakeS
     (outcome,) = store_files(peer(intake), [path], SCU_AET)
     assert outcome.status == status.OUT_OF_RESOURCES
     assert list((intake.spool.root / "photos").rglob("*.dcm")) == [], "no orphan file is left"
-
-
-def test_atomic_write_leaves_no_partial_file(tmp_path: Path) -> None:
-    target = tmp_path / "a" / "b.dcm"
-    atomic_write(target, b"x" * 1000)
-    assert target.read_bytes() == b"x" * 1000
-    with pytest.raises(TypeError):
-        atomic_write(tmp_path / "a" / "c.dcm", 12345)  # type: ignore[arg-type]
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["b.dcm"]
-
-
-@pytest.mark.parametrize("where", ["disk", "tmpfs"])
-def test_atomic_write_of_large_chunks_direct_or_buffered(tmp_path: Path, where: str) -> None:
-    """Large objects go through O_DIRECT where the file system allows it (ext4 here) and fall back
-    to buffered writes where it refuses (tmpfs); either way the file holds exactly the chunks."""
-    import os
-    import tempfile
-
-    if where == "tmpfs":
-        if not Path("/dev/shm").is_dir():
-            pytest.skip("no /dev/shm on this system")
-        base = Path(tempfile.mkdtemp(dir="/dev/shm"))
-    else:
-        base = tmp_path
-    try:
-        payload = os.urandom(1_000_003)  # not a multiple of the 4 KiB block
-        chunks = [b"\x00" * 128, b"DICM", memoryview(payload)[:5], memoryview(payload)[5:]]
-        target = base / "x" / "y" / "photo.dcm"
-        atomic_write(target, chunks)
-        assert target.read_bytes() == b"\x00" * 128 + b"DICM" + payload
-        atomic_write(target, payload[:70_000])  # replaces, shorter than the previous file
-        assert target.read_bytes() == payload[:70_000]
-        assert sorted(p.name for p in target.parent.iterdir()) == ["photo.dcm"]
-    finally:
-        if where == "tmpfs":
-            import shutil
-
-            shutil.rmtree(base)

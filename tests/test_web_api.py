@@ -14,15 +14,15 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
+from dicom_node.config import HttpSettings, is_loopback
+from dicom_node.monitor.metrics import SOURCE_API, SOURCE_DICOM, NodeMetrics
+from dicom_node.monitor.readiness import CheckResult, Readiness, disk_space_check, job_store_check
 from dicom_node.parse.render import color_label_map, overlay
 from dicom_node.parse.report import UNTRAINED_WARNING, parse_report
 from dicom_node.queue.job import JobState
 from dicom_node.queue.sqlite_store import SqliteJobStore
-from dicom_node.web.metrics import SOURCE_API, SOURCE_DICOM, NodeMetrics
 from dicom_node.web.parsing import ParserProvider
-from dicom_node.web.readiness import CheckResult, Readiness, disk_space_check, job_store_check
 from dicom_node.web.server import HttpServer
-from dicom_node.web.settings import HttpSettings, is_loopback
 from tests.photo_factory import make_16bit_photo
 from tests.web_fixtures import (
     PHOTO_HW,

@@ -3,9 +3,8 @@
 The server is the app mounted on a running node: the node's intake, worker process and dispatcher
 run in this process over a fresh data directory, photos arrive over DICOM (``python -m dicom_node
 send``, a real C-STORE), results go to a dcmtk storescp, and one caller's results go to a destination
-that is down, so its job fails and can be retried from the dashboard. When the node's configuration
-has its ``http`` section, the node serves the app itself and its stages report to /metrics;
-before that, the test mounts the app on the node with :func:`~dicom_node.web.mount.app_for_node`.
+that is down, so its job fails and can be retried from the dashboard. The node serves the app
+itself (its ``[http]`` section) and its stages report to /metrics.
 Screenshots are written to ``test-artifacts/``.
 """
 
@@ -26,12 +25,10 @@ import pytest
 from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 from prometheus_client.parser import text_string_to_metric_families
 
-from dicom_node.config import NodeConfig
+from dicom_node.config import HttpSettings, NodeConfig
 from dicom_node.node import Node
 from dicom_node.queue.job import FINAL_STATES, Job, JobState
-from dicom_node.web.mount import app_for_node
 from dicom_node.web.server import HttpServer
-from dicom_node.web.settings import HttpSettings
 from tests.node_fixtures import REPO, StoreSCP, free_port, wait_until, write_photos
 from tests.photo_factory import make_vl_photo, synthetic_rgb
 from tests.web_fixtures import ARTIFACTS, LiveServer, decode_png, fill_job_store, make_app, png_bytes
@@ -45,7 +42,6 @@ OFFLINE_CALLER = "OFFLINESCU"  # results go to a port nobody listens on
 UI_TIMEOUT_MS = 60_000
 JOB_TIMEOUT_S = 90.0
 PHOTO_HW = (240, 320)  # big enough for a readable screenshot, small enough for two busy cores
-NODE_SERVES_HTTP = "http" in NodeConfig.model_fields  # the node mounts the app itself
 
 
 @dataclass
@@ -96,24 +92,17 @@ def web_node(small_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
                       {"name": "offline", "ae_title": "OFFLINE", "host": "127.0.0.1", "port": free_port()}],
         worker={"count": 1, "torch_threads": 1, "restart_delay_s": 0.5, "poll_interval_s": 0.05},
         dispatch={"max_attempts": 1, "timeout_s": 10.0, "poll_interval_s": 0.05},
-        **({"http": {"port": 0, "parse_threads": 1}} if NODE_SERVES_HTTP else {}),
+        http={"port": 0, "parse_threads": 1},
     )
     node = Node(config)
     node.start()
-    if NODE_SERVES_HTTP:
-        http = node.http
-    else:
-        http = HttpServer(app_for_node(node, HttpSettings(port=0, parse_threads=1)), "127.0.0.1", 0)
+    http = node.http
     try:
-        if not NODE_SERVES_HTTP:
-            http.start()
         assert http is not None and http.running
         assert node.health is not None
         wait_until(lambda: node.health.ready, 90, "the node's worker to load the model")
         yield WebNode(node, http, config.data_dir, workdir / "photos")
     finally:
-        if not NODE_SERVES_HTTP:
-            http.stop()
         node.stop()
         pacs.stop()
 
@@ -297,17 +286,17 @@ def test_metrics_of_the_mounted_node_parse_and_count_jobs(web_node: WebNode) -> 
     assert after[("dicom_node_jobs", (("state", "done"),))] == before.get(("dicom_node_jobs", (("state", "done"),)),
                                                                           0) + 1
     assert ("dicom_node_open_associations", ()) in after
-    if NODE_SERVES_HTTP:  # the node's stages report their events: received, parsed, dispatched
-        expected = {("dicom_node_instances_received_total", (("source", "dicom"),)): 1,
-                    ("dicom_node_parse_seconds_count", (("source", "dicom"),)): 1,
-                    ("dicom_node_dispatch_attempts_total", (("destination", "pacs"),)): 1,
-                    ("dicom_node_dispatch_failures_total", (("destination", "pacs"),)): 0}
+    # the node's stages report their events: received, parsed, dispatched
+    expected = {("dicom_node_instances_received_total", (("source", "dicom"),)): 1,
+                ("dicom_node_parse_seconds_count", (("source", "dicom"),)): 1,
+                ("dicom_node_dispatch_attempts_total", (("destination", "pacs"),)): 1,
+                ("dicom_node_dispatch_failures_total", (("destination", "pacs"),)): 0}
 
-        def counters_moved() -> bool:
-            now = scrape()  # the worker's parse time reaches the node through a pipe: allow a moment
-            return all(now.get(k, 0.0) - before.get(k, 0.0) == v for k, v in expected.items())
+    def counters_moved() -> bool:
+        now = scrape()  # the worker's parse time reaches the node through a pipe: allow a moment
+        return all(now.get(k, 0.0) - before.get(k, 0.0) == v for k, v in expected.items())
 
-        wait_until(counters_moved, 10, f"the counters {sorted(expected)} to move")
+    wait_until(counters_moved, 10, f"the counters {sorted(expected)} to move")
     ready = httpx2.get(f"{web_node.url}/readyz", timeout=30).json()
     assert ready["ready"] is True, ready
     assert set(ready["checks"]) == {"model", "job_store", "disk_space", "dicom_listener"}

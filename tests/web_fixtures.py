@@ -11,14 +11,14 @@ import pytest
 from PIL import Image
 from pydicom.filebase import DicomBytesIO
 
+from dicom_node.config import HttpSettings
+from dicom_node.monitor.metrics import NodeMetrics
+from dicom_node.monitor.readiness import Readiness, disk_space_check, job_store_check
 from dicom_node.queue.job import JobState, NewJob
 from dicom_node.queue.sqlite_store import SqliteJobStore
 from dicom_node.web.app import create_app
-from dicom_node.web.metrics import NodeMetrics
-from dicom_node.web.parsing import ParserProvider
-from dicom_node.web.readiness import Readiness, disk_space_check, job_store_check, parser_model_check
+from dicom_node.web.parsing import ParserProvider, parser_model_check
 from dicom_node.web.server import HttpServer
-from dicom_node.web.settings import HttpSettings
 from tests.photo_factory import make_vl_photo, synthetic_rgb
 
 REPO = Path(__file__).resolve().parents[1]

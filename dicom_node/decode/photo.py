@@ -40,22 +40,7 @@ from pydicom.uid import (
 )
 
 from dicom_node.decode.errors import CorruptPhotoError, PhotoError, UnsupportedPhotoError
-
-VL_PHOTOGRAPHIC_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.77.1.4"
-VL_ENDOSCOPIC_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.77.1.1"
-VL_MICROSCOPIC_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.77.1.2"
-SECONDARY_CAPTURE_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
-
-DEFAULT_ACCEPTED_SOP_CLASSES: frozenset[str] = frozenset(
-    {
-        VL_PHOTOGRAPHIC_IMAGE_STORAGE,
-        VL_ENDOSCOPIC_IMAGE_STORAGE,
-        VL_MICROSCOPIC_IMAGE_STORAGE,
-        SECONDARY_CAPTURE_IMAGE_STORAGE,
-    }
-)
-
-DEFAULT_MAX_PIXELS = 100_000_000
+from dicom_node.decode.supported import DECODABLE_SOP_CLASSES, DEFAULT_MAX_PIXELS
 
 # Photometric interpretations (PS3.3 C.7.6.3.1.2) we turn into RGB, with their samples per pixel.
 # YBR_ICT / YBR_RCT only occur in JPEG 2000, whose decoders undo the transform themselves.
@@ -202,7 +187,7 @@ def _transfer_syntax(ds: Dataset) -> UID:
 def _decode_dataset(
     ds: Dataset, max_pixels: int, accepted_sop_classes: set[str] | frozenset[str] | None
 ) -> np.ndarray:
-    accepted = DEFAULT_ACCEPTED_SOP_CLASSES if accepted_sop_classes is None else accepted_sop_classes
+    accepted = DECODABLE_SOP_CLASSES if accepted_sop_classes is None else accepted_sop_classes
     sop_class = _sop_class(ds)
     if sop_class not in accepted:
         names = ", ".join(sorted(UID(u).name for u in accepted)) or "none"
@@ -508,8 +493,8 @@ def _load_with_pillow(path: Path, max_pixels: int) -> Photo:
                     name,
                 )
             # mirrors the M2FP pipeline's loading: do not reorder or add steps
-            img = ImageOps.exif_transpose(img)
-            rgb = np.array(img.convert("RGB"), dtype=np.uint8)
+            upright = ImageOps.exif_transpose(img)
+            rgb = np.array(upright.convert("RGB"), dtype=np.uint8)
     except PhotoError:
         raise
     except Image.UnidentifiedImageError as exc:

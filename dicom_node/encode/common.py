@@ -1,4 +1,4 @@
-"""What the SEG, SC and SR builders share: options, UIDs, the photo's patient/study, the algorithm.
+"""What the SEG, SC and SR builders share: UIDs, the photo's patient/study, the algorithm.
 
 Every result object belongs to the photo's study and patient (PS3.3 C.7.1.1 Patient Module,
 C.7.2.1 General Study Module, C.7.2.2 Patient Study Module are copied unchanged) and opens a
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-from dataclasses import dataclass
 
 import highdicom as hd
 from pydicom.dataset import Dataset
@@ -18,12 +17,11 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 from pydicom.valuerep import DA, TM
 
-from dicom_node import __version__
+from dicom_node.encode.options import LO_MAX, EncodeOptions
 from dicom_node.parse.result import ParsingResult
 
 ALGORITHM_NAME = "M2FP"
 ALGORITHM_SOURCE = "M2FP human parsing (Yang et al. 2023, arXiv 2301.00394)"  # LO: <= 64
-_LO_MAX = 64  # VR LO: at most 64 characters
 
 # Patient Module (C.7.1.1), Clinical Trial Subject (C.7.1.3), General Study (C.7.2.1),
 # Patient Study (C.7.2.2) and Clinical Trial Study (C.7.2.3): copied from the photo as they are.
@@ -60,55 +58,6 @@ PATIENT_STUDY_KEYWORDS: tuple[str, ...] = (
 # General Series (C.7.3.1) attributes that describe the body, not the series: dciodvfy wants
 # Body Part Examined or Laterality on SEG and SC made from a photograph.
 BODY_KEYWORDS: tuple[str, ...] = ("BodyPartExamined", "Laterality")
-
-
-def _check_lo(name: str, value: str | None) -> None:
-    if value is not None and len(value) > _LO_MAX:
-        raise ValueError(f"{name} is {len(value)} characters long; VR LO allows {_LO_MAX}")
-
-
-@dataclass(frozen=True)
-class EncodeOptions:
-    """How the node labels what it sends back. One instance per node configuration."""
-
-    seg_series_number: int = 9101
-    sc_series_number: int = 9102
-    sr_series_number: int = 9103
-    seg_series_description: str = "AI body-part segmentation (M2FP)"
-    sc_series_description: str = "AI body-part overlay (M2FP) - not for diagnosis"
-    sr_series_description: str = "AI body-part measurements (M2FP)"
-    manufacturer: str = "dicom_node"
-    manufacturer_model_name: str = "dicom_node human parsing"
-    software_versions: str = __version__
-    device_serial_number: str = "1"
-    device_name: str = "DICOM_NODE"  # Device Observer Name in the SR (TID 1004)
-    device_observer_uid: str | None = None  # None: derived from manufacturer, model and serial
-    institution_name: str | None = None
-    institutional_department_name: str | None = None
-    include_person_segments: bool = True
-    sc_jpeg: bool = False  # send the overlay JPEG Baseline compressed (lossy, about 10x smaller)
-    uid_prefix: str | None = None  # None: highdicom's UID root
-    content_datetime: datetime.datetime | None = None  # None: the time of encoding
-
-    def __post_init__(self) -> None:
-        for name in ("seg_series_number", "sc_series_number", "sr_series_number"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or not 0 < value < 2**31:
-                raise ValueError(f"{name} must be a positive integer (VR IS), got {value!r}")
-        if self.uid_prefix is not None and not (
-            self.uid_prefix.endswith(".") and len(self.uid_prefix) <= 54
-            and all(part.isdigit() for part in self.uid_prefix[:-1].split("."))
-        ):
-            raise ValueError(
-                f"uid_prefix must be digits and dots ending in '.', at most 54 characters (VR UI), "
-                f"got {self.uid_prefix!r}"
-            )
-        for name in (
-            "seg_series_description", "sc_series_description", "sr_series_description",
-            "manufacturer", "manufacturer_model_name", "software_versions", "device_serial_number",
-            "device_name", "institution_name", "institutional_department_name",
-        ):
-            _check_lo(name, getattr(self, name))
 
 
 def equipment_kwargs(options: EncodeOptions) -> dict[str, str | None]:
@@ -275,14 +224,14 @@ def set_content_datetime(target: Dataset, when: datetime.datetime) -> None:
 
 def algorithm_version(result: ParsingResult) -> str:
     """Algorithm Version (LO): the model digest, cut to 64 characters."""
-    return (result.model_digest or "unknown")[:_LO_MAX]
+    return (result.model_digest or "unknown")[:LO_MAX]
 
 
 def algorithm_parameters(result: ParsingResult) -> dict[str, str]:
     """Algorithm Parameters: whether the weights were the trained checkpoint, and the whole
     digest when Algorithm Version had to cut it."""
     parameters = {"weights": "untrained" if result.model_untrained else "trained"}
-    if len(result.model_digest or "") > _LO_MAX:
+    if len(result.model_digest or "") > LO_MAX:
         parameters["digest"] = result.model_digest
     return parameters
 

@@ -11,7 +11,8 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 
-from dicom_node.encode.common import EncodeOptions, content_datetime
+from dicom_node.encode.common import content_datetime
+from dicom_node.encode.options import EncodeOptions
 from dicom_node.encode.sc import build_overlay_sc
 from dicom_node.encode.seg import build_segmentation
 from dicom_node.encode.sr import build_measurement_report
@@ -112,14 +113,14 @@ def warm_up() -> None:
     (about 0.3-0.5 s); a node calls this at start-up so that its first photo does not.
     """
     from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import ExplicitVRLittleEndian, VLPhotographicImageStorage, generate_uid
 
     from dicom_node.parse.result import result_from_label_map
 
     photo = Dataset()
     photo.file_meta = FileMetaDataset()
     photo.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    photo.SOPClassUID = "1.2.840.10008.5.1.4.1.1.77.1.4"  # VL Photographic Image Storage
+    photo.SOPClassUID = VLPhotographicImageStorage
     photo.SOPInstanceUID, photo.StudyInstanceUID, photo.SeriesInstanceUID = (
         generate_uid(), generate_uid(), generate_uid()
     )
@@ -129,24 +130,3 @@ def warm_up() -> None:
     label_map[2:6, 2:6] = 13
     result = result_from_label_map(label_map, [label_map > 0])
     encode_results(photo, None, result, np.zeros((8, 8, 3), np.uint8))
-
-
-def write_results(photo_ds: Dataset, photo_rgb: np.ndarray, result: ParsingResult, out_dir, stem: str,
-                  options: EncodeOptions | None = None, lesion_mask: np.ndarray | None = None) -> dict[str, object]:
-    """Build the three objects and write ``<stem>_seg.dcm``, ``_sc.dcm``, ``_sr.dcm`` (``dicom-node parse --dicom``).
-
-    Lets a PACS administrator inspect exactly what the node would send before wiring it to a PACS.
-    """
-    from pathlib import Path
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    encoded = encode_results(photo_ds, photo_rgb, result, None, options, lesion_mask)
-    paths: dict[str, object] = {}
-    for kind, ds in (("seg", encoded.seg), ("sc", encoded.sc), ("sr", encoded.sr)):
-        if ds is None:
-            continue
-        path = out_dir / f"{stem}_{kind}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths[kind] = path
-    return paths

@@ -20,7 +20,6 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 
 from dicom_node.encode.common import (
-    EncodeOptions,
     check_photo,
     content_datetime,
     copy_body_context,
@@ -31,6 +30,7 @@ from dicom_node.encode.common import (
     set_content_datetime,
     set_lossy_compression,
 )
+from dicom_node.encode.options import EncodeOptions
 from dicom_node.parse.result import ParsingResult
 
 JPEG_METHOD = "ISO_10918_1"  # C.7.6.1.1.5.1 Defined Term for JPEG lossy compression

@@ -24,7 +24,6 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node.encode import codes as codetable
 from dicom_node.encode.common import (
-    EncodeOptions,
     algorithm_identification,
     check_photo,
     check_size,
@@ -38,6 +37,7 @@ from dicom_node.encode.common import (
     set_content_datetime,
     set_lossy_compression,
 )
+from dicom_node.encode.options import EncodeOptions
 from dicom_node.parse.classes import HUMAN, class_color
 from dicom_node.parse.result import ParsingResult
 

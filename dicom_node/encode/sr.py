@@ -30,7 +30,6 @@ from pydicom.uid import SegmentationStorage
 
 from dicom_node.encode import codes as codetable
 from dicom_node.encode.common import (
-    EncodeOptions,
     check_photo,
     content_datetime,
     copy_patient_study,
@@ -41,6 +40,7 @@ from dicom_node.encode.common import (
     set_content_datetime,
     sr_algorithm_identification,
 )
+from dicom_node.encode.options import EncodeOptions
 from dicom_node.encode.seg import PlannedSegment, plan_segments, segment_numbers, segment_tracking_uids
 from dicom_node.parse.classes import HUMAN
 from dicom_node.parse.result import ParsingResult

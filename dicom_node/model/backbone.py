@@ -37,10 +37,12 @@ class ConvNorm(nn.Conv2d):
         if not isinstance(self.norm, nn.BatchNorm2d):
             return
         bn = self.norm
+        # a BatchNorm2d built with track_running_stats (as every one of the checkpoint's is) has both
+        assert bn.running_var is not None and bn.running_mean is not None
         scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
         self.weight.mul_(scale.view(-1, 1, 1, 1))
         self.bias = nn.Parameter(bn.bias - bn.running_mean * scale)
-        self.norm = nn.Identity()
+        self.norm: nn.Module = nn.Identity()
 
 
 class DeepLabStem(nn.Module):

@@ -17,12 +17,10 @@ import torch
 
 from dicom_node.model.config import M2FPConfig, ModelConfigError
 from dicom_node.model.m2fp import M2FP
+from dicom_node.model.names import CONFIG_FILE, UNTRAINED_MARKER, WEIGHTS_FILE
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "configuration.json"
-WEIGHTS_FILE = "pytorch_model.pt"
-UNTRAINED_MARKER = "UNTRAINED.txt"
 UNTRAINED_CONFIG_KEY = "dicom_node_untrained"
 
 

@@ -10,7 +10,8 @@ import logging
 import shutil
 from pathlib import Path
 
-from dicom_node.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, ModelLoadError, load_model_dir
+from dicom_node.model.checkpoint import ModelLoadError, load_model_dir
+from dicom_node.model.names import CONFIG_FILE, WEIGHTS_FILE
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,8 @@ class M2FP(nn.Module):
         for module in self.backbone.modules():
             if isinstance(module, ConvNorm):
                 module.fuse_norm_()
-        self.backbone.to(memory_format=torch.channels_last)
+        # Module.to takes memory_format at run time; torch's overloads leave it out of the stub
+        self.backbone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.channels_last = True
         return self
 

@@ -42,7 +42,7 @@ def resize_rgb(rgb: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     """Pillow bilinear (a triangle filter that widens when shrinking), as torchvision's Resize on a PIL image."""
     if rgb.shape[:2] == size_hw:
         return rgb
-    return np.asarray(Image.fromarray(rgb).resize((size_hw[1], size_hw[0]), Image.BILINEAR))
+    return np.asarray(Image.fromarray(rgb).resize((size_hw[1], size_hw[0]), Image.Resampling.BILINEAR))
 
 
 def prepare_image(rgb: np.ndarray, min_size: int = 640, max_size: int = 1333, size_divisibility: int = 32,

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dicom_node.model.checkpoint import CONFIG_FILE, UNTRAINED_CONFIG_KEY, UNTRAINED_MARKER, WEIGHTS_FILE
+from dicom_node.model.checkpoint import UNTRAINED_CONFIG_KEY
 from dicom_node.model.config import M2FPConfig
 from dicom_node.model.m2fp import M2FP
+from dicom_node.model.names import CONFIG_FILE, UNTRAINED_MARKER, WEIGHTS_FILE
 
 SEED, GAIN, MASK_GAIN, QUERY_GAIN, RESID_GAIN = 1234, 100.0, 1.0, 16.0, 0.25
 _P = "sem_seg_head.predictor."

@@ -1,2 +1,2 @@
-"""The node's network side, shaped like pynetdicom: ``scp`` (receive), ``scu`` (send), ``status``
-(named DIMSE and association statuses) and ``spool`` (the atomic writes intake and encoding rely on)."""
+"""What the DICOM network ends share: named statuses (``status``) and socket set-up
+(``connection``). Receiving lives in :mod:`dicom_node.intake`, sending in :mod:`dicom_node.dispatch`."""

@@ -17,27 +17,29 @@ import torch
 
 from dicom_node.allocator import keep_freed_memory
 from dicom_node.model.checkpoint import LoadedModel, load_model_dir
+from dicom_node.model.names import PostprocessMode
 from dicom_node.model.postprocess import LazyMask, PostprocessOutput, postprocess, postprocess_lowres
 from dicom_node.model.preprocess import prepare_image
-from dicom_node.model.runtime import RuntimeChoice, choose_runtime
+from dicom_node.model.runtime.choice import RuntimeChoice, choose_runtime
+from dicom_node.model.runtime.names import RuntimeName
 from dicom_node.parse.result import ParsingResult, PartInstance, PersonInstance
 
 log = logging.getLogger(__name__)
 
-POSTPROCESS_MODES = {"exact": postprocess, "fast": postprocess_lowres}
+POSTPROCESS_MODES = {PostprocessMode.EXACT: postprocess, PostprocessMode.FAST: postprocess_lowres}
 
 
 class HumanParser:
     """Runs M2FP multi-person human parsing on RGB photos."""
 
-    def __init__(self, loaded: LoadedModel, threads: int | None = None, postprocess_mode: str = "exact",
-                 runtime: str = "auto") -> None:
+    def __init__(self, loaded: LoadedModel, threads: int | None = None,
+                 postprocess_mode: str = PostprocessMode.EXACT, runtime: str = RuntimeName.AUTO) -> None:
         """``postprocess_mode``: "exact" (the official semantics at the photo's size) or "fast"
         (scores and label map at the network-input size; see ``postprocess_lowres``).
         ``runtime``: "auto", "eager" or a candidate of :mod:`dicom_node.model.runtime`."""
         if postprocess_mode not in POSTPROCESS_MODES:
             raise ValueError(f"postprocess_mode must be one of {sorted(POSTPROCESS_MODES)}, got {postprocess_mode!r}")
-        self._postprocess = POSTPROCESS_MODES[postprocess_mode]
+        self._postprocess = POSTPROCESS_MODES[PostprocessMode(postprocess_mode)]
         self.postprocess_mode = postprocess_mode
         self.loaded = loaded
         keep_freed_memory()
@@ -51,7 +53,8 @@ class HumanParser:
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, threads: int | None = None,
-                       postprocess_mode: str = "exact", runtime: str = "auto") -> HumanParser:
+                       postprocess_mode: str = PostprocessMode.EXACT,
+                       runtime: str = RuntimeName.AUTO) -> HumanParser:
         t0 = time.perf_counter()
         loaded = load_model_dir(model_dir)
         log.info("model loaded from %s in %.2f s, version %s%s", model_dir, time.perf_counter() - t0,

@@ -120,9 +120,9 @@ def lesion_statistics(result: ParsingResult, lesion_mask: np.ndarray) -> list[Le
             f"lesion mask is {lesion_mask.shape[1]}x{lesion_mask.shape[0]} but the photo is "
             f"{result.label_map.shape[1]}x{result.label_map.shape[0]} (width x height)"
         )
-    lesion = lesion_mask.astype(bool)
+    lesion: np.ndarray = lesion_mask.astype(bool)
     if lesion.ndim == 3:
-        lesion = lesion.any(axis=2)
+        lesion = np.any(lesion, axis=2)
     n = len(result.class_names)
     region = class_counts(result.label_map, n)
     hit = class_counts(result.label_map, n, lesion)

@@ -17,17 +17,17 @@ import time
 import pydicom
 from pydicom.dataset import Dataset
 
-from dicom_node.config import NodeConfig
 from dicom_node.decode.errors import PhotoError
 from dicom_node.decode.photo import photo_from_dataset
-from dicom_node.encode.common import EncodeOptions
+from dicom_node.decode.supported import DecodeLimits
+from dicom_node.encode.options import EncodeOptions
 from dicom_node.encode.results import encode_results
 from dicom_node.logs import fields
-from dicom_node.net.spool import Spool
 from dicom_node.parse.engine import HumanParser
-from dicom_node.queue.job import Job, JobState, ResultObject
+from dicom_node.pipeline.routing import Router, RoutingError
+from dicom_node.queue.job import Job, JobState, ResultKind, ResultObject
 from dicom_node.queue.store import JobStore, StaleJobError
-from dicom_node.routing import Router, RoutingError
+from dicom_node.spool.base import Spool
 
 log = logging.getLogger(__name__)
 
@@ -43,23 +43,6 @@ class JobFailure(Exception):
         self.reason = reason
 
 
-def encode_options(config: NodeConfig) -> EncodeOptions:
-    """The SEG/SC/SR labelling the configuration asks for."""
-    results = config.results
-    return EncodeOptions(
-        sc_jpeg=results.sc_jpeg,
-        include_person_segments=results.include_person_segments,
-        seg_series_number=results.seg_series_number,
-        sc_series_number=results.sc_series_number,
-        sr_series_number=results.sr_series_number,
-        seg_series_description=results.seg_series_description,
-        sc_series_description=results.sc_series_description,
-        sr_series_description=results.sr_series_description,
-        institution_name=results.institution_name,
-        uid_prefix=results.uid_prefix,
-    )
-
-
 def _short(text: str) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= _REASON_MAX else text[: _REASON_MAX - 3] + "..."
@@ -68,14 +51,18 @@ def _short(text: str) -> str:
 class PhotoProcessor:
     """Runs jobs claimed by one worker (``owner``) with one loaded parser."""
 
-    def __init__(self, config: NodeConfig, store: JobStore, spool: Spool, parser: HumanParser, owner: str) -> None:
-        self.config = config
+    def __init__(self, store: JobStore, spool: Spool, parser: HumanParser, owner: str, router: Router,
+                 limits: DecodeLimits, labels: EncodeOptions, max_attempts: int) -> None:
+        """``limits``: what a photo may be to be decoded; ``labels``: how the results are labelled;
+        ``max_attempts``: tries of a job that fails for the machine's sake (disk, memory)."""
         self.store = store
         self.spool = spool
         self.parser = parser
         self.owner = owner
-        self.router = Router(config)
-        self.options = encode_options(config)
+        self.router = router
+        self.limits = limits
+        self.options = labels
+        self.max_attempts = max_attempts
 
     def run(self, job: Job) -> Job | None:
         """Process one claimed job to DISPATCHING, DONE or FAILED (or back to RECEIVED); never raises
@@ -102,7 +89,7 @@ class PhotoProcessor:
     def _transient(self, job: Job, reason: str) -> Job | None:
         try:
             current = self.store.get(job.id)
-            if current.attempts >= self.config.worker.max_attempts:
+            if current.attempts >= self.max_attempts:
                 return self.store.fail(job.id, _short(f"{reason}; gave up after {current.attempts} attempts"),
                                        owner=self.owner)
             return self.store.requeue(job.id, self.owner, _short(f"{reason}; will try again"),
@@ -136,10 +123,8 @@ class PhotoProcessor:
                                       f"not processed: routing rule {route.rule!r} keeps such photos unparsed")
         self.store.set_route(job.id, self.owner, route.rule, route.destinations)
 
-        intake = self.config.intake
         try:
-            photo = photo_from_dataset(ds, intake.max_pixels, frozenset(intake.accepted_sop_classes),
-                                       source=f"job {job.id}")
+            photo = photo_from_dataset(ds, self.limits.max_pixels, self.limits.sop_classes, source=f"job {job.id}")
         except PhotoError as exc:
             raise JobFailure(f"cannot decode the photo: {exc.reason}") from exc
         t1 = time.perf_counter()
@@ -161,7 +146,7 @@ class PhotoProcessor:
         t3 = time.perf_counter()
 
         results = []
-        for kind, dataset in (("seg", encoded.seg), ("sc", encoded.sc), ("sr", encoded.sr)):
+        for kind, dataset in ((ResultKind.SEG, encoded.seg), (ResultKind.SC, encoded.sc), (ResultKind.SR, encoded.sr)):
             if dataset is None:
                 continue
             relative = self.spool.write_result(job.id, kind, dataset)

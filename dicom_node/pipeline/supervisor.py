@@ -5,7 +5,7 @@
   has cost ``worker.max_attempts`` workers (a photo that crashes the decoder must not do so forever).
 * A worker that cannot load the model exits with a code of its own; the model is tried again every
   ``worker.model_retry_interval_s`` (an administrator may fix the files without restarting the node).
-* Either way the node is marked not ready (see :mod:`dicom_node.health`) while processing is impossible;
+* Either way the node is marked not ready (see :mod:`dicom_node.monitor.health`) while processing is impossible;
   intake is not affected.
 """
 
@@ -20,17 +20,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import TYPE_CHECKING
 
-from dicom_node.config import NodeConfig
-from dicom_node.health import Health
 from dicom_node.logs import fields
-from dicom_node.pipeline.worker import EXIT_MODEL_UNAVAILABLE, WorkerMessage, worker_main
+from dicom_node.monitor.health import Health
+from dicom_node.monitor.metrics import StageMetrics
+from dicom_node.pipeline.worker import EXIT_MODEL_UNAVAILABLE, MessageKind, WorkerMessage, WorkerSetup, worker_main
 from dicom_node.queue.doorbell import Doorbells, join_ringing
+from dicom_node.queue.owners import worker_owner
 from dicom_node.queue.store import JobStore
-
-if TYPE_CHECKING:
-    from dicom_node.web.metrics import NodeMetrics
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +52,12 @@ class _Slot:
 class WorkerPool:
     """Starts, watches and restarts the worker processes of one node."""
 
-    def __init__(self, config: NodeConfig, store: JobStore, health: Health, metrics: NodeMetrics | None = None,
-                 doorbells: Doorbells | None = None) -> None:
-        self.config = config
+    def __init__(self, setup: WorkerSetup, node_id: str, store: JobStore, health: Health, metrics: StageMetrics,
+                 doorbells: Doorbells) -> None:
+        """``setup`` goes to every worker process; ``node_id`` names their owners."""
+        self.setup = setup
+        self.settings = setup.settings
+        self.node_id = node_id
         self.metrics = metrics
         self.doorbells = doorbells
         self.store = store
@@ -67,12 +67,8 @@ class WorkerPool:
         self._stop_read, self._stop_write = self._ctx.Pipe(duplex=False)
         self._stopping = threading.Event()
         self._lock = threading.Lock()
-        self._slots = [_Slot(index=i) for i in range(config.worker.count)]
+        self._slots = [_Slot(index=i) for i in range(setup.settings.count)]
         self._thread: threading.Thread | None = None
-
-    def owner_prefix(self) -> str:
-        """Every worker owner name of this node starts with this (see the job store's recovery)."""
-        return f"{self.config.node_id}/worker-"
 
     @property
     def pids(self) -> list[int]:
@@ -100,8 +96,7 @@ class WorkerPool:
             process = slot.process
             if process is not None:
                 # an idle worker waits on the bell: it wakes and sees the closed pipe
-                bell = self.doorbells.photo_received if self.doorbells is not None else None
-                join_ringing(process, bell, deadline, 0.1)
+                join_ringing(process, self.doorbells.photo_received, deadline, 0.1)
                 if process.is_alive():
                     log.warning(fields(event="worker.killed", slot=slot.index, pid=process.pid,
                                        reason="did not stop in time"))
@@ -117,13 +112,13 @@ class WorkerPool:
 
     def _start_slot(self, slot: _Slot) -> None:
         slot.generation += 1
-        slot.owner = f"{self.owner_prefix()}{slot.index}-{slot.generation}/"
+        slot.owner = worker_owner(self.node_id, slot.index, slot.generation)
         if slot.messages is not None:
             slot.messages.close()
         messages_read, messages_write = self._ctx.Pipe(duplex=False)
         process = self._ctx.Process(
             target=worker_main,
-            args=(self.config, slot.index, slot.owner, messages_write, self._stop_read, os.getpid(), self.doorbells),
+            args=(self.setup, slot.index, slot.owner, messages_write, self._stop_read, os.getpid(), self.doorbells),
             name=f"dicom-node-worker-{slot.index}",
             daemon=True,
         )
@@ -164,15 +159,14 @@ class WorkerPool:
 
     def _handle(self, message: WorkerMessage) -> None:
         name = f"worker-{message.slot}"
-        if message.kind == "ready":
+        if message.kind == MessageKind.READY:
             self.health.set_worker(name, pid=message.pid, state="ready", model=message.detail)
             self.health.clear_problem(PROBLEM_MODEL)
-        elif message.kind == "parsed":
-            if self.metrics is not None:
-                self.metrics.observe_parse(float(message.detail))
-        elif message.kind == "model_error":
+        elif message.kind == MessageKind.PARSED:
+            self.metrics.observe_parse(float(message.detail))
+        elif message.kind == MessageKind.MODEL_ERROR:
             self.health.set_worker(name, pid=message.pid, state="no model", reason=message.detail)
-            self.health.set_problem(PROBLEM_MODEL, f"the model in {self.config.model_dir} cannot be loaded: "
+            self.health.set_problem(PROBLEM_MODEL, f"the model in {self.setup.model_dir} cannot be loaded: "
                                                    f"{message.detail}")
 
     def _check_slot(self, slot: _Slot, now: float) -> None:
@@ -184,7 +178,7 @@ class WorkerPool:
             if self._stopping.is_set():
                 return
             if code == EXIT_MODEL_UNAVAILABLE:
-                slot.next_start = now + self.config.worker.model_retry_interval_s
+                slot.next_start = now + self.settings.model_retry_interval_s
                 self.health.set_worker(f"worker-{slot.index}", pid=None, state="waiting for the model")
             else:
                 self._record_death(slot, code, now)
@@ -193,11 +187,11 @@ class WorkerPool:
 
     def _record_death(self, slot: _Slot, code: int | None, now: float) -> None:
         reason = f"worker {slot.index} died (exit code {code})"
-        released = self.store.release_owner(slot.owner, reason, self.config.worker.max_attempts)
+        released = self.store.release_owner(slot.owner, reason, self.settings.max_attempts)
         slot.deaths.append(now)
         while slot.deaths and now - slot.deaths[0] > DEATH_WINDOW_S:
             slot.deaths.popleft()
-        cfg = self.config.worker
+        cfg = self.settings
         delay = min(cfg.max_restart_delay_s, cfg.restart_delay_s * 2 ** (len(slot.deaths) - 1))
         slot.next_start = now + delay
         log.error(fields(event="worker.died", slot=slot.index, exit_code=code, released_jobs=len(released),
@@ -211,7 +205,7 @@ class WorkerPool:
             while slot.deaths and now - slot.deaths[0] > DEATH_WINDOW_S:
                 slot.deaths.popleft()
         deaths = sum(len(s.deaths) for s in self._slots)
-        if deaths >= self.config.worker.deaths_before_not_ready:
+        if deaths >= self.settings.deaths_before_not_ready:
             self.health.set_problem(PROBLEM_WORKERS, f"workers keep dying ({deaths} deaths in the last "
                                                      f"{DEATH_WINDOW_S / 60:.0f} minutes)")
         else:

@@ -17,11 +17,16 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
+from enum import StrEnum
 from multiprocessing.connection import Connection
+from pathlib import Path
 
-from dicom_node.config import NodeConfig
+from dicom_node.config import WorkerSettings
+from dicom_node.decode.supported import DecodeLimits
+from dicom_node.encode.options import EncodeOptions
 from dicom_node.lifetime import die_with_parent
 from dicom_node.logs import fields
+from dicom_node.pipeline.routing import Router
 from dicom_node.queue.doorbell import Doorbells, IdleWait
 
 log = logging.getLogger(__name__)
@@ -31,20 +36,44 @@ EXIT_MODEL_UNAVAILABLE = 3  # the model cannot load: retrying at once would fail
 
 
 @dataclass(frozen=True)
+class WorkerSetup:
+    """Everything a worker process is given, built by the node from its configuration.
+
+    Plain, picklable values: it crosses into a spawned process. The worker opens its own job
+    store and spool from these paths (connections do not cross processes).
+    """
+
+    settings: WorkerSettings
+    model_dir: Path
+    job_db_path: Path
+    data_dir: Path  # the spool's root's parent: spooled paths are relative to it
+    log_level: str
+    router: Router
+    limits: DecodeLimits
+    labels: EncodeOptions
+
+
+class MessageKind(StrEnum):
+    READY = "ready"  # the model is loaded (detail: its digest)
+    MODEL_ERROR = "model_error"  # the model cannot load (detail: why)
+    PARSED = "parsed"  # a photo was parsed (detail: the parse's seconds)
+
+
+@dataclass(frozen=True)
 class WorkerMessage:
     """What a worker tells the supervisor (through its own pipe)."""
 
-    kind: str  # "ready", "model_error" or "parsed" (detail: the parse's seconds)
+    kind: MessageKind
     slot: int
     pid: int
     detail: str
 
 
-def torch_threads(config: NodeConfig) -> int:
+def torch_threads(settings: WorkerSettings) -> int:
     """Threads per worker: the configured number, else the CPU cores shared among the workers."""
-    if config.worker.torch_threads:
-        return config.worker.torch_threads
-    return max(1, (os.cpu_count() or 1) // max(1, config.worker.count))
+    if settings.torch_threads:
+        return settings.torch_threads
+    return max(1, (os.cpu_count() or 1) // max(1, settings.count))
 
 
 def _send(messages: Connection, message: WorkerMessage) -> None:
@@ -54,39 +83,40 @@ def _send(messages: Connection, message: WorkerMessage) -> None:
         pass
 
 
-def worker_main(config: NodeConfig, slot: int, owner: str, messages: Connection, stop: Connection,
-                parent_pid: int, doorbells: Doorbells | None = None) -> None:
+def worker_main(setup: WorkerSetup, slot: int, owner: str, messages: Connection, stop: Connection,
+                parent_pid: int, doorbells: Doorbells) -> None:
     """Entry point of a worker process (spawned by :class:`~dicom_node.pipeline.supervisor.WorkerPool`)."""
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the node; it stops us in order
     from dicom_node.logs import setup_logging
 
-    setup_logging(config.log_level)
+    setup_logging(setup.log_level)
     if os.getppid() != parent_pid:  # the node died while we were starting
         sys.exit(EXIT_STOPPED)
 
-    from dicom_node.net.spool import Spool
     from dicom_node.parse.engine import HumanParser
     from dicom_node.pipeline.processor import PhotoProcessor
+    from dicom_node.queue.factory import open_job_store
     from dicom_node.queue.job import JobState
-    from dicom_node.queue.store import open_job_store
+    from dicom_node.spool.local import LocalSpool
 
     parsed_states = (JobState.DISPATCHING, JobState.DONE)  # the photo was parsed (its parse_s is this run's)
 
     try:
-        parser = HumanParser.from_model_dir(config.model_dir, threads=torch_threads(config),
-                                            postprocess_mode=config.worker.postprocess,
-                                            runtime=config.worker.runtime)
+        parser = HumanParser.from_model_dir(setup.model_dir, threads=torch_threads(setup.settings),
+                                            postprocess_mode=setup.settings.postprocess,
+                                            runtime=setup.settings.runtime)
     except Exception as exc:  # ModelLoadError, a truncated file, out of memory: all mean "no model"
-        _send(messages, WorkerMessage("model_error", slot, os.getpid(), f"{type(exc).__name__}: {exc}"))
+        _send(messages, WorkerMessage(MessageKind.MODEL_ERROR, slot, os.getpid(), f"{type(exc).__name__}: {exc}"))
         sys.exit(EXIT_MODEL_UNAVAILABLE)
     detail = f"model {parser.model_digest[:16]}{' (UNTRAINED)' if parser.untrained else ''}"
-    _send(messages, WorkerMessage("ready", slot, os.getpid(), detail))
+    _send(messages, WorkerMessage(MessageKind.READY, slot, os.getpid(), detail))
 
-    store = open_job_store(config)
-    processor = PhotoProcessor(config, store, Spool(config.data_dir), parser, owner)
-    poll_s = config.worker.poll_interval_s
-    idle = IdleWait(doorbells.photo_received, poll_s) if doorbells is not None else None
+    store = open_job_store(setup.job_db_path)
+    processor = PhotoProcessor(store, LocalSpool(setup.data_dir), parser, owner, setup.router, setup.limits,
+                               setup.labels, setup.settings.max_attempts)
+    poll_s = setup.settings.poll_interval_s
+    idle = IdleWait(doorbells.photo_received, poll_s)
     log.info(fields(event="worker.started", slot=slot, pid=os.getpid(), owner=owner))
     try:
         # The stop pipe is readable only at EOF: the node closed its end, or died.
@@ -98,18 +128,14 @@ def worker_main(config: NodeConfig, slot: int, owner: str, messages: Connection,
                 stop.poll(max(poll_s, 1.0))
                 continue
             if job is None:
-                if idle is not None:  # the pool rings it after closing the stop pipe, too
-                    idle.nothing_to_do()
-                else:
-                    stop.poll(poll_s)
+                idle.nothing_to_do()  # the pool rings the bell after closing the stop pipe, too
                 continue
-            if idle is not None:
-                idle.found_work()
+            idle.found_work()
             finished = processor.run(job)
-            if doorbells is not None and finished is not None and finished.state == JobState.DISPATCHING:
+            if finished is not None and finished.state == JobState.DISPATCHING:
                 doorbells.results_ready.ring()
             if finished is not None and finished.parse_s is not None and finished.state in parsed_states:
-                _send(messages, WorkerMessage("parsed", slot, os.getpid(), repr(finished.parse_s)))
+                _send(messages, WorkerMessage(MessageKind.PARSED, slot, os.getpid(), repr(finished.parse_s)))
     finally:
         store.close()
         log.info(fields(event="worker.stopped", slot=slot, pid=os.getpid()))

@@ -41,11 +41,19 @@ class NewJob:
     photo_path: str  # relative to the data directory
 
 
+class ResultKind(StrEnum):
+    """The result objects one parsed photo gives, in sending order (the SR references the other two)."""
+
+    SEG = "seg"  # Segmentation: one segment per body part / garment and per person
+    SC = "sc"  # colour Secondary Capture: the overlay every viewer shows
+    SR = "sr"  # TID 1500 measurement report
+
+
 @dataclass(frozen=True)
 class ResultObject:
-    """One spooled result object (``kind``: seg, sc or sr) waiting to be, or already, delivered."""
+    """One spooled result object waiting to be, or already, delivered."""
 
-    kind: str
+    kind: ResultKind
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax_uid: str

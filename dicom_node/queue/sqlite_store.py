@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from dicom_node.queue.job import PROCESSING_STATES, Job, JobEvent, JobState, NewJob, ResultObject
+from dicom_node.queue.job import PROCESSING_STATES, Job, JobEvent, JobState, NewJob, ResultKind, ResultObject
 from dicom_node.queue.store import JobNotFoundError, JobStore, StaleJobError
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,8 @@ class SqliteJobStore(JobStore):
     def _job(self, db: sqlite3.Connection, row: tuple) -> Job:
         job_id = row[0]
         results = tuple(
-            ResultObject(kind=r[0], sop_class_uid=r[1], sop_instance_uid=r[2], transfer_syntax_uid=r[3], path=r[4])
+            ResultObject(kind=ResultKind(r[0]), sop_class_uid=r[1], sop_instance_uid=r[2], transfer_syntax_uid=r[3],
+                         path=r[4])
             for r in db.execute(
                 "SELECT kind, sop_class_uid, sop_instance_uid, transfer_syntax_uid, path FROM job_results "
                 "WHERE job_id = ? ORDER BY position",
@@ -236,7 +237,8 @@ class SqliteJobStore(JobStore):
             )
             created = cursor.rowcount == 1
             if created:
-                job_id = int(cursor.lastrowid)
+                assert cursor.lastrowid is not None  # an INSERT that added a row has its rowid
+                job_id = cursor.lastrowid
                 self._event(db, job_id, now, None, JobState.RECEIVED, None)
                 job = self._load(db, job_id)
             else:

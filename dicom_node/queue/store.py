@@ -6,8 +6,8 @@ guarantees, which the stages rely on:
 
 * ``add_received`` is durable when it returns (intake acknowledges only then) and idempotent on the
   SOP Instance UID (a photo received twice is one job).
-* Claims are atomic: two workers never hold the same job. Owners are named ``<node_id>:<role>...``
-  so that recovery on one machine releases only what that machine held.
+* Claims are atomic: two workers never hold the same job. Owners are named by
+  :mod:`dicom_node.queue.owners` so that recovery on one machine releases only what it held.
 * Every method that acts for an owner raises :class:`StaleJobError` when the job is no longer
   theirs (it was released after the worker was presumed dead), so a late worker cannot overwrite.
 * Each transition is written to the job's history and logged as one structured line.
@@ -18,13 +18,9 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
 
 from dicom_node.logs import fields
 from dicom_node.queue.job import Job, JobEvent, JobState, NewJob, ResultObject
-
-if TYPE_CHECKING:
-    from dicom_node.config import NodeConfig
 
 log = logging.getLogger("dicom_node.jobs")
 
@@ -155,10 +151,3 @@ class JobStore(ABC):
                 reason=reason,
             ),
         )
-
-
-def open_job_store(config: NodeConfig) -> JobStore:
-    """The job store the configuration names (today: the embedded SQLite store in the data directory)."""
-    from dicom_node.queue.sqlite_store import SqliteJobStore
-
-    return SqliteJobStore(config.job_db_path)

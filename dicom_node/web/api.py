@@ -23,14 +23,15 @@ from anyio import to_thread
 from fastapi import APIRouter, File, HTTPException, Path, Query, UploadFile
 from fastapi.responses import JSONResponse, Response
 
+from dicom_node.config import HttpSettings
 from dicom_node.logs import fields
+from dicom_node.monitor.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from dicom_node.monitor.metrics import SOURCE_API, NodeMetrics
+from dicom_node.monitor.readiness import Readiness
 from dicom_node.parse.classes import CLASS_COLORS, CLASS_NAMES
 from dicom_node.queue.job import JobState
 from dicom_node.queue.store import JobNotFoundError, JobStore, StaleJobError
-from dicom_node.web.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from dicom_node.web.metrics import SOURCE_API, NodeMetrics
 from dicom_node.web.parsing import ParserBusyError, ParserProvider, Prediction, predict
-from dicom_node.web.readiness import Readiness
 from dicom_node.web.schemas import (
     Alive,
     CheckOut,
@@ -43,7 +44,6 @@ from dicom_node.web.schemas import (
     ReadinessOut,
     UploadInfo,
 )
-from dicom_node.web.settings import HttpSettings
 from dicom_node.web.uploads import UploadError, photo_from_upload, safe_filename
 
 log = logging.getLogger(__name__)

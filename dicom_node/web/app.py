@@ -18,14 +18,14 @@ from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from dicom_node.config import HttpSettings
+from dicom_node.monitor.metrics import NodeMetrics
+from dicom_node.monitor.readiness import Readiness
 from dicom_node.queue.store import JobStore
 from dicom_node.web.api import PREDICT_PATH, WebContext, health_router, jobs_router, parse_router
 from dicom_node.web.auth import BearerTokenMiddleware, login_router
 from dicom_node.web.errors import install_error_handlers
-from dicom_node.web.metrics import NodeMetrics
 from dicom_node.web.parsing import ParserProvider
-from dicom_node.web.readiness import Readiness
-from dicom_node.web.settings import HttpSettings
 from dicom_node.web.uploads import UploadLimit
 
 STATIC_DIR = Path(__file__).parent / "static"

@@ -19,7 +19,7 @@ from fastapi.responses import FileResponse, RedirectResponse, Response
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from dicom_node.web.settings import HttpSettings
+from dicom_node.config import HttpSettings
 
 COOKIE_NAME = "dicom_node_token"
 PUBLIC_PATHS = frozenset({"/healthz", "/login", "/static/style.css", "/static/login.js"})

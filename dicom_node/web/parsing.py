@@ -20,6 +20,8 @@ from typing import Any
 
 from dicom_node.decode.photo import Photo
 from dicom_node.logs import fields
+from dicom_node.model.runtime.names import RuntimeName
+from dicom_node.monitor.readiness import Check, CheckResult
 from dicom_node.parse.engine import HumanParser
 from dicom_node.parse.render import color_label_map, overlay, to_png_bytes
 from dicom_node.parse.report import parse_report
@@ -50,7 +52,7 @@ class ParserProvider:
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, threads: int = 0, max_waiting: int = 4,
-                       runtime: str = "auto") -> ParserProvider:
+                       runtime: str = RuntimeName.AUTO) -> ParserProvider:
         torch_threads = threads or max(1, (os.cpu_count() or 2) // 2)
         return cls(lambda: HumanParser.from_model_dir(model_dir, torch_threads, runtime=runtime), max_waiting)
 
@@ -113,6 +115,17 @@ class ParserProvider:
         parser = self.get()
         with self._parse_lock:
             yield parser
+
+
+def parser_model_check(provider: ParserProvider) -> Check:
+    """The API's own parser has its model (loaded now if it was not yet)."""
+
+    def check() -> CheckResult:
+        parser = provider.get()
+        untrained = " (UNTRAINED test model)" if parser.untrained else ""
+        return CheckResult(True, f"model {parser.model_digest[:16]} loaded{untrained}")
+
+    return check
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,11 @@ REFERENCE_IMAGES = ("landscape_1024x768.png", "portrait_480x640.png")
 def reference_images() -> list[np.ndarray]:
     """The parity fixture's images (a 1024x768 landscape and an upscaled 480x640 portrait)."""
     folder = resources.files("dicom_node.model.runtime") / "reference_images"
-    return [np.asarray(Image.open(folder / name).convert("RGB")) for name in REFERENCE_IMAGES]
+    images = []
+    for name in REFERENCE_IMAGES:
+        with (folder / name).open("rb") as fh, Image.open(fh) as img:
+            images.append(np.asarray(img.convert("RGB")))
+    return images
 
 
 @dataclass(frozen=True)

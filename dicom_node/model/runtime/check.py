@@ -1,7 +1,8 @@
 """``python -m dicom_node.model.runtime.check JOB``: the agreement checks, in a process of their own.
 
-Started by :func:`dicom_node.model.runtime.choose_runtime` (which holds the cache lock meanwhile);
-JOB is a JSON object with the model directory, the candidates and where to write the results.
+Started by :func:`dicom_node.model.runtime.choice.choose_runtime` (which holds the cache lock
+meanwhile); JOB is a JSON object with the model directory, the candidates and where to write the
+results.
 """
 
 from __future__ import annotations
@@ -9,8 +10,53 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from pathlib import Path
+
+import torch
 
 from dicom_node.lifetime import die_with_parent
+from dicom_node.logs import fields
+from dicom_node.model.runtime.agreement import Agreement, check_agreement, reference_run
+from dicom_node.model.runtime.base import NetworkRuntime, RuntimeUnavailable
+from dicom_node.model.runtime.cache import read_json, write_json
+from dicom_node.model.runtime.choice import best_candidate
+from dicom_node.model.runtime.eager import EagerRuntime
+from dicom_node.model.runtime.names import RuntimeName
+from dicom_node.model.runtime.registry import build_runtime, prepare_kwargs
+
+log = logging.getLogger(__name__)
+
+
+def run_checks(model_dir: str, names: list[str], threads: int | None, requested: str, results_path: str,
+               keys: dict[str, str]) -> None:
+    """Load the model, measure eager once, check each candidate, record the results."""
+    if threads:
+        torch.set_num_threads(threads)
+    from dicom_node.allocator import keep_freed_memory
+    from dicom_node.model.checkpoint import load_model_dir
+
+    keep_freed_memory()
+    loaded = load_model_dir(model_dir)
+    loaded.model.prepare_for_inference()
+    reference = reference_run(EagerRuntime(loaded.model), prepare_kwargs(loaded), loaded.config.num_parsing)
+    path = Path(results_path)
+    built: dict[str, NetworkRuntime] = {}
+    checked: dict[str, Agreement | str] = {}
+    for name in names:
+        try:
+            built[name] = build_runtime(name, loaded, threads)
+            checked[name] = agreement = check_agreement(built[name], reference)
+        except RuntimeUnavailable as exc:
+            log.warning(fields(event="runtime.unavailable", runtime=name, reason=str(exc)))
+            continue
+        results = read_json(path)
+        results[keys[name]] = agreement.as_dict()
+        write_json(path, results)
+    if requested == RuntimeName.AUTO:  # graphs of a runtime that will not be used are not kept
+        best = best_candidate(checked, requested)
+        for name, runtime in built.items():
+            if best is None or name != best.runtime:
+                runtime.clear_cache()
 
 
 def main(argv: list[str]) -> int:
@@ -19,8 +65,6 @@ def main(argv: list[str]) -> int:
     from dicom_node.logs import setup_logging
 
     setup_logging(logging.getLevelName(job["log_level"]))
-    from dicom_node.model.runtime import run_checks
-
     run_checks(job["model_dir"], job["names"], job["threads"], job["requested"], job["results_path"], job["keys"])
     return 0
 

@@ -121,6 +121,7 @@ class QuantizedBackbone(torch.nn.Module):
         x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
         features = {}
         for stage, blocks, outs in zip(self.stage_names, self.stages, self.block_out, strict=True):
+            assert isinstance(blocks, torch.nn.ModuleList)  # what __init__ appended: one per stage
             for block, (out_scale, out_zero) in zip(blocks, outs, strict=True):
                 shortcut = block["shortcut"](x) if "shortcut" in block else x
                 out = block["conv3"](block["conv2"](block["conv1"](x)))

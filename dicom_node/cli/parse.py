@@ -9,12 +9,16 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from pydicom.dataset import Dataset
 
 from dicom_node.decode.errors import PhotoError
 from dicom_node.decode.photo import load_photo
+from dicom_node.encode.options import EncodeOptions
+from dicom_node.encode.results import encode_results
 from dicom_node.model.checkpoint import ModelLoadError
 from dicom_node.parse.engine import HumanParser
 from dicom_node.parse.report import UNTRAINED_WARNING, write_parse_outputs
+from dicom_node.parse.result import ParsingResult
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +99,23 @@ def _write_dicom(photo, result, out_dir: Path, stem: str, lesion: np.ndarray | N
         print(f"note: {photo.source} is not DICOM; --dicom writes DICOM results only for DICOM input",
               file=sys.stderr)
         return
-    from dicom_node.encode.results import write_results
-
     write_results(photo.dataset, photo.rgb, result, out_dir, stem, lesion_mask=lesion)
+
+
+def write_results(photo_ds: Dataset, photo_rgb: np.ndarray, result: ParsingResult, out_dir: Path, stem: str,
+                  options: EncodeOptions | None = None, lesion_mask: np.ndarray | None = None) -> dict[str, object]:
+    """Build the three objects and write ``<stem>_seg.dcm``, ``_sc.dcm``, ``_sr.dcm`` (``dicom-node parse --dicom``).
+
+    Lets a PACS administrator inspect exactly what the node would send before wiring it to a PACS.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    encoded = encode_results(photo_ds, photo_rgb, result, None, options, lesion_mask)
+    paths: dict[str, object] = {}
+    for kind, ds in (("seg", encoded.seg), ("sc", encoded.sc), ("sr", encoded.sr)):
+        if ds is None:
+            continue
+        path = out_dir / f"{stem}_{kind}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths[kind] = path
+    return paths

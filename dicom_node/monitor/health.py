@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from dicom_node.logs import fields
-from dicom_node.net.spool import atomic_write
+from dicom_node.spool.atomic import atomic_write
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dicom_node.health")  # the name log watchers and the tests match on
 
 
 class Health:

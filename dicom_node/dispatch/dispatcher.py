@@ -13,18 +13,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING
 
-from dicom_node.config import DispatchSettings, NodeConfig
+from dicom_node.config import DispatchSettings, Peers
+from dicom_node.dispatch.scu import AssociationError, StoreOutcome, store_files
 from dicom_node.logs import fields
-from dicom_node.net.scu import AssociationError, StoreOutcome, store_files
-from dicom_node.net.spool import Spool
-from dicom_node.queue.doorbell import Doorbells, IdleWait, join_ringing
+from dicom_node.monitor.metrics import StageMetrics
+from dicom_node.queue.doorbell import Doorbell, IdleWait, join_ringing
 from dicom_node.queue.job import Job
+from dicom_node.queue.owners import dispatch_owner
 from dicom_node.queue.store import JobStore, StaleJobError
-
-if TYPE_CHECKING:
-    from dicom_node.web.metrics import NodeMetrics
+from dicom_node.spool.base import Spool
 
 log = logging.getLogger(__name__)
 
@@ -42,22 +40,24 @@ def backoff_delay_s(failed_attempts: int, policy: DispatchSettings) -> float:
 class Dispatcher:
     """``dispatch.concurrency`` threads sending due jobs."""
 
-    def __init__(self, config: NodeConfig, store: JobStore, spool: Spool, metrics: NodeMetrics | None = None,
-                 doorbells: Doorbells | None = None) -> None:
-        self.config = config
+    def __init__(self, settings: DispatchSettings, peers: Peers, calling_ae: str, node_id: str, store: JobStore,
+                 spool: Spool, metrics: StageMetrics, results_ready: Doorbell) -> None:
+        """``calling_ae``: the node's AE title, as which results are sent; ``results_ready`` is rung by
+        the workers when a job's objects are spooled."""
+        self.settings = settings
+        self.peers = peers
+        self.calling_ae = calling_ae
+        self.node_id = node_id
         self.metrics = metrics
-        self.doorbells = doorbells
+        self.results_ready = results_ready
         self.store = store
         self.spool = spool
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
-    def owner_prefix(self) -> str:
-        return f"{self.config.node_id}/dispatch-"
-
     def start(self) -> None:
-        for index in range(self.config.dispatch.concurrency):
-            owner = f"{self.owner_prefix()}{index}/"
+        for index in range(self.settings.concurrency):
+            owner = dispatch_owner(self.node_id, index)
             thread = threading.Thread(target=self._loop, args=(owner,), name=f"dispatch-{index}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -66,28 +66,23 @@ class Dispatcher:
         """Stop taking jobs; a send in progress finishes or is abandoned (its lease is released at start)."""
         self._stop.set()
         deadline = time.monotonic() + timeout_s
-        bell = self.doorbells.results_ready if self.doorbells is not None else None
         for thread in self._threads:
-            join_ringing(thread, bell, deadline)
+            join_ringing(thread, self.results_ready, deadline)
 
     def _loop(self, owner: str) -> None:
-        poll_s = self.config.dispatch.poll_interval_s
-        idle = IdleWait(self.doorbells.results_ready, poll_s) if self.doorbells is not None else None
+        poll_s = self.settings.poll_interval_s
+        idle = IdleWait(self.results_ready, poll_s)
         while not self._stop.is_set():
             try:
-                job = self.store.claim_for_dispatch(owner, self.config.dispatch.lease_s)
+                job = self.store.claim_for_dispatch(owner, self.settings.lease_s)
             except Exception as exc:
                 log.error(fields(event="dispatch.claim_failed", reason=f"{type(exc).__name__}: {exc}"))
                 self._stop.wait(max(poll_s, 1.0))
                 continue
             if job is None:
-                if idle is not None:
-                    idle.nothing_to_do()
-                else:
-                    self._stop.wait(poll_s)
+                idle.nothing_to_do()
                 continue
-            if idle is not None:
-                idle.found_work()
+            idle.found_work()
             try:
                 self.dispatch(job, owner)
             except StaleJobError as exc:
@@ -107,7 +102,7 @@ class Dispatcher:
             if not pending:
                 continue
             try:
-                destination = self.config.destination(name)
+                destination = self.peers.destination(name)
             except KeyError:
                 errors.append(f"{name}: no destination of that name in the configuration")
                 continue
@@ -117,12 +112,11 @@ class Dispatcher:
 
             started = time.perf_counter()
             errors_before = len(errors)
-            if self.metrics is not None:
-                self.metrics.dispatch_attempt(name)
+            self.metrics.dispatch_attempt(name)
             try:
-                outcomes = store_files(destination, [self.spool.path(r.path) for r in pending], self.config.ae_title,
-                                       timeout_s=self.config.dispatch.timeout_s, on_stored=delivered,
-                                       associations=self.config.dispatch.associations_per_job)
+                outcomes = store_files(destination, [self.spool.path(r.path) for r in pending], self.calling_ae,
+                                       timeout_s=self.settings.timeout_s, on_stored=delivered,
+                                       associations=self.settings.associations_per_job)
             except AssociationError as exc:
                 errors.append(f"{name}: {exc}")
                 continue
@@ -135,14 +129,14 @@ class Dispatcher:
             else:
                 log.info(fields(event="dispatch.sent", job=job.id, destination=name, objects=len(outcomes),
                                 seconds=f"{time.perf_counter() - started:.3f}"))
-            if self.metrics is not None and len(errors) > errors_before:
+            if len(errors) > errors_before:
                 self.metrics.dispatch_failure(name)
         if not errors:
             return self.store.dispatch_succeeded(job.id, owner)
         return self._failed(job, owner, errors)
 
     def _failed(self, job: Job, owner: str, errors: list[str]) -> Job:
-        policy = self.config.dispatch
+        policy = self.settings
         attempt = job.dispatch_attempts + 1
         what = "; ".join(errors)
         if attempt >= policy.max_attempts:

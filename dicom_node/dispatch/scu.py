@@ -25,9 +25,10 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import from pynetdicom's tables
 
 from dicom_node.net import status
+from dicom_node.net.connection import no_delay
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +41,14 @@ _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 
 class PeerLike(Protocol):
-    ae_title: str
-    host: str
-    port: int
+    """A configured destination or a :class:`Peer`: read-only AE title, host and port."""
+
+    @property
+    def ae_title(self) -> str: ...
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -89,8 +95,6 @@ def _new_ae(calling_ae: str, timeout_s: float) -> AE:
 
 
 def _associate(ae: AE, peer: PeerLike, contexts: list[PresentationContext]) -> Association:
-    from dicom_node.net.scp import no_delay
-
     assoc = ae.associate(peer.host, int(peer.port), contexts=contexts, ae_title=peer.ae_title,
                          evt_handlers=[(evt.EVT_CONN_OPEN, no_delay)])
     if assoc.is_established:
@@ -101,7 +105,7 @@ def _associate(ae: AE, peer: PeerLike, contexts: list[PresentationContext]) -> A
         raise AssociationError(f"cannot connect to {peer.ae_title}@{peer.host}:{peer.port}")
     if assoc.is_aborted:
         # pynetdicom aborts itself when the peer accepted none of the proposed contexts
-        classes = sorted({UID(cx.abstract_syntax).name for cx in contexts})
+        classes = sorted({UID(str(cx.abstract_syntax)).name for cx in contexts})
         raise AssociationError(f"{peer.ae_title}@{peer.host}:{peer.port} aborted the association, or accepted "
                                f"none of the proposed presentation contexts ({', '.join(classes)})")
     raise AssociationError(f"cannot connect to {peer.ae_title}@{peer.host}:{peer.port}")

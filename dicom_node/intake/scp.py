@@ -17,45 +17,29 @@ commit, so a slow parse never makes a PACS time out.
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 from io import BytesIO
-from typing import TYPE_CHECKING
+from typing import cast
 
 from pydicom.uid import UID
 from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import from pynetdicom's tables
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node.config import NodeConfig
+from dicom_node.config import IntakeSettings, Listener, Peers
 from dicom_node.logs import fields
+from dicom_node.monitor.metrics import StageMetrics
 from dicom_node.net import status
-from dicom_node.net.spool import Spool
-from dicom_node.queue.doorbell import Doorbells
+from dicom_node.net.connection import no_delay
+from dicom_node.queue.doorbell import Doorbell
 from dicom_node.queue.job import NewJob
 from dicom_node.queue.store import JobStore
-
-if TYPE_CHECKING:
-    from dicom_node.web.metrics import NodeMetrics
+from dicom_node.spool.base import Spool
 
 log = logging.getLogger(__name__)
-
-
-def no_delay(event: Event) -> None:
-    """Turn Nagle's algorithm off on a new connection.
-
-    A C-STORE exchange is a request, a small response, the next request: with Nagle on, the small
-    PDUs wait for delayed ACKs and intake of 1 MB photos is capped near 60 per second.
-    """
-    transport = getattr(event.assoc.dul, "socket", None)
-    sock = getattr(transport, "socket", None)
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
 
 
 _PREAMBLE = b"\x00" * 128 + b"DICM"
@@ -65,7 +49,7 @@ def part10_chunks(event: Event) -> list[bytes | memoryview]:
     """The received object as DICOM Part 10 (PS3.10 section 7.1: preamble, "DICM", File Meta
     Information, then the data set exactly as sent), in pieces that reference the received
     buffer instead of copying 1 MB into one more ``bytes``."""
-    data_set = event.request.DataSet
+    data_set = cast(C_STORE, event.request).DataSet
     body = data_set.getbuffer() if isinstance(data_set, BytesIO) else memoryview(event.encoded_dataset(False))
     return [_PREAMBLE, encode_file_meta(event.file_meta), body]
 
@@ -73,11 +57,14 @@ def part10_chunks(event: Event) -> list[bytes | memoryview]:
 class IntakeSCP:
     """The node's receiving application entity, started without blocking."""
 
-    def __init__(self, config: NodeConfig, store: JobStore, spool: Spool, metrics: NodeMetrics | None = None,
-                 doorbells: Doorbells | None = None) -> None:
-        self.config = config
+    def __init__(self, listener: Listener, settings: IntakeSettings, peers: Peers, store: JobStore, spool: Spool,
+                 metrics: StageMetrics, photo_received: Doorbell) -> None:
+        """``photo_received`` is rung for every new job (the workers wait on it)."""
+        self.listener = listener
+        self.settings = settings
+        self.peers = peers
         self.metrics = metrics
-        self.doorbells = doorbells
+        self.photo_received = photo_received
         self.store = store
         self.spool = spool
         self._server: ThreadedAssociationServer | None = None
@@ -86,8 +73,8 @@ class IntakeSCP:
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
-        intake = self.config.intake
-        ae = AE(ae_title=self.config.ae_title)
+        intake = self.settings
+        ae = AE(ae_title=self.listener.ae_title)
         ae.maximum_associations = intake.max_associations
         ae.maximum_pdu_size = intake.max_pdu_bytes
         ae.acse_timeout = intake.acse_timeout_s
@@ -104,24 +91,33 @@ class IntakeSCP:
 
     def start(self) -> None:
         """Listen on the configured address and port; returns once the socket is listening."""
-        handlers = [
+        handlers: list[evt.EventHandlerType] = [
             (evt.EVT_CONN_OPEN, no_delay),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        self._server = self.ae.start_server(
-            (self.config.bind_address, self.config.port), block=False, evt_handlers=handlers
-        )
-        log.info(fields(event="intake.listening", ae_title=self.config.ae_title, address=self.config.bind_address,
+        listener = self.listener
+        self._server = self.ae.start_server((listener.bind_address, listener.port), block=False,
+                                            evt_handlers=handlers)
+        log.info(fields(event="intake.listening", ae_title=listener.ae_title, address=listener.bind_address,
                         port=self.port))
 
     @property
     def port(self) -> int:
         """The port actually bound (the configured one, or the kernel's choice for port 0)."""
         if self._server is None:
-            return self.config.port
+            return self.listener.port
         return int(self._server.server_address[1])
+
+    @property
+    def listening(self) -> bool:
+        """Whether the DICOM port takes associations now (between start and stop)."""
+        return self._server is not None
+
+    @property
+    def open_associations(self) -> int:
+        return len(self.ae.active_associations)
 
     def stop(self) -> None:
         """Stop listening and end open associations (their unacknowledged objects are resent by peers)."""
@@ -136,9 +132,10 @@ class IntakeSCP:
         """Reject an association from an AE title (or host) that is not in ``callers``."""
         requestor = event.assoc.requestor
         # requestor.ae_title is only filled in by the negotiation that follows this event
-        calling_ae = str(requestor.primitive.calling_ae_title or "").strip()
+        primitive = requestor.primitive
+        calling_ae = str(primitive.calling_ae_title or "").strip() if primitive is not None else ""
         host = requestor.address
-        if self.config.caller(calling_ae, host) is None:
+        if self.peers.caller(calling_ae, host) is None:
             log.warning(fields(event="intake.rejected", calling_ae=calling_ae, host=host,
                                reason="calling AE title not configured for this host"))
             self._rejected("calling_ae_not_recognised")
@@ -154,7 +151,7 @@ class IntakeSCP:
 
     def _on_store(self, event: Event) -> int:
         """Spool the object as sent (no decoding), commit its job, then acknowledge."""
-        request = event.request
+        request = cast(C_STORE, event.request)  # the event this handler is bound to
         sop_instance_uid = str(request.AffectedSOPInstanceUID or "").strip()
         sop_class_uid = str(request.AffectedSOPClassUID or "").strip()
         calling_ae = event.assoc.requestor.ae_title.strip()
@@ -195,20 +192,18 @@ class IntakeSCP:
             self.spool.discard(relative)
             log.info(fields(event="intake.duplicate", sop=sop_instance_uid, job=job.id, state=job.state.value,
                             calling_ae=calling_ae))
-        elif self.doorbells is not None:
-            self.doorbells.photo_received.ring()
+        else:
+            self.photo_received.ring()
         self._count()
         return status.SUCCESS
 
     def _count(self) -> None:
         with self._lock:
             self.received += 1
-        if self.metrics is not None:
-            self.metrics.received()
+        self.metrics.received()
 
     def _rejected(self, reason: str) -> None:
-        if self.metrics is not None:
-            self.metrics.rejected(reason)
+        self.metrics.rejected(reason)
 
     def _out_of_resources(self, sop_instance_uid: str, calling_ae: str, what: str, exc: BaseException) -> int:
         self._rejected("out_of_resources")

@@ -10,12 +10,13 @@ destinations, or with ``@sender`` back to the destination configured for the cal
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from dicom_node.config import SENDER, NodeConfig, RoutingRule
+from dicom_node.config import SENDER, Peers, RoutingRule
 
 
 class RoutingError(ValueError):
@@ -49,14 +50,15 @@ def _rule_matches(rule: RoutingRule, ds: Dataset, calling_ae: str) -> bool:
 
 
 class Router:
-    """Applies ``routing.rules`` of one configuration."""
+    """Applies ``routing.rules``; ``peers`` resolves '@sender' to the calling AE's destination."""
 
-    def __init__(self, config: NodeConfig) -> None:
-        self.config = config
+    def __init__(self, rules: Sequence[RoutingRule], peers: Peers) -> None:
+        self.rules = tuple(rules)
+        self.peers = peers
 
     def route(self, ds: Dataset, calling_ae: str, calling_host: str | None) -> Route | None:
         """The first rule taking this photo, with destination names resolved; None when no rule does."""
-        for rule in self.config.routing.rules:
+        for rule in self.rules:
             if not _rule_matches(rule, ds, calling_ae):
                 continue
             if not rule.process:
@@ -70,8 +72,8 @@ class Router:
         return None
 
     def _sender(self, calling_ae: str, calling_host: str | None, rule: str) -> str:
-        caller = self.config.caller(calling_ae, calling_host)
-        destination = self.config.sender_destination(caller) if caller else None
+        caller = self.peers.caller(calling_ae, calling_host)
+        destination = self.peers.sender_destination(caller) if caller else None
         if destination is None:
             raise RoutingError(
                 f"rule {rule!r} sends results back to the sender, but {calling_ae} has no destination in the "

@@ -2,8 +2,9 @@
 
 Two kinds of figures:
 
-* events the node reports as they happen, through the small interface below (an instance
-  received or rejected, a dispatch attempt or failure, a parse's duration);
+* events the stages report as they happen, through :class:`StageMetrics` (an instance received
+  or rejected, a dispatch attempt or failure, a parse's duration); a stage always has one, the
+  :class:`NullMetrics` where nothing is scraped (tests, the CLI), so it never asks whether to count;
 * states read from the job store at scrape time (jobs per state, queue depth), so they are right
   whichever process moved the job and survive a restart of the node.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -68,6 +70,35 @@ class _JobStoreCollector(Collector):
         for stage, states in _WAITING_FOR.items():
             depth.add_metric([stage], sum(counts.get(s, 0) for s in states))
         yield depth
+
+
+class StageMetrics(Protocol):
+    """What intake, the worker pool and dispatch report (implemented by :class:`NodeMetrics`)."""
+
+    def received(self, source: str = SOURCE_DICOM) -> None: ...
+    def rejected(self, reason: str, source: str = SOURCE_DICOM) -> None: ...
+    def dispatch_attempt(self, destination: str) -> None: ...
+    def dispatch_failure(self, destination: str) -> None: ...
+    def observe_parse(self, seconds: float, source: str = SOURCE_DICOM) -> None: ...
+
+
+class NullMetrics:
+    """Counts nothing: for a stage run where no registry is scraped."""
+
+    def received(self, source: str = SOURCE_DICOM) -> None:
+        pass
+
+    def rejected(self, reason: str, source: str = SOURCE_DICOM) -> None:
+        pass
+
+    def dispatch_attempt(self, destination: str) -> None:
+        pass
+
+    def dispatch_failure(self, destination: str) -> None:
+        pass
+
+    def observe_parse(self, seconds: float, source: str = SOURCE_DICOM) -> None:
+        pass
 
 
 class NodeMetrics:

@@ -1,0 +1,123 @@
+"""``dicom-node``: the one command-line entry point, with a sub-command per job.
+
+The arguments of every command are declared here (cheap: ``--help`` loads nothing heavy); each
+command group runs in a module of its own: ``serve``, ``parse``, ``model``, ``jobs``, ``peers``
+(``echo`` and ``send``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+from pathlib import Path
+
+from dicom_node.model.names import PostprocessMode, default_model_dir
+from dicom_node.model.runtime.names import RUNTIME_CHOICES, RuntimeName
+from dicom_node.queue.job import JobState
+
+log = logging.getLogger("dicom_node.cli")
+
+DEFAULT_MODEL_DIR = default_model_dir()
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR,
+                   help="ModelScope M2FP directory (configuration.json + pytorch_model.pt); default %(default)s")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dicom-node", description=__doc__)
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("parse", help="parse photos (JPEG, PNG, DICOM) and write label maps, overlays and JSON")
+    p.add_argument("photos", nargs="+", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--lesion-mask", type=Path, action="append", default=[],
+                   help="binary lesion mask image (same size as the photo); repeat once per photo, in order")
+    p.add_argument("--dicom", action="store_true", help="also write <stem>_seg.dcm, _sc.dcm, _sr.dcm for DICOM input")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--postprocess", choices=[m.value for m in PostprocessMode], default=PostprocessMode.EXACT.value,
+                   help="exact: the official semantics at the photo's size (default); fast: scores and label map "
+                        "at the network-input size, about 35x faster on 12 MP photos, label maps agree on >99.5%% "
+                        "of pixels")
+    p.add_argument("--runtime", choices=RUNTIME_CHOICES, default=RuntimeName.AUTO.value,
+                   help="auto (default): the fastest runtime whose results agree with eager fp32 on the parity "
+                        "images (checked once per model and machine, logged); eager: the fp32 reference")
+    _add_model_args(p)
+
+    m = sub.add_parser("model", help="get the weights or make an untrained test model")
+    msub = m.add_subparsers(dest="model_command", required=True)
+    f = msub.add_parser("fetch", help="download the official M2FP weights with modelscope (pip install '.[fetch]')")
+    f.add_argument("--dir", type=Path, default=DEFAULT_MODEL_DIR)
+    t = msub.add_parser("make-test", help="write an UNTRAINED model in the official layout, for tests and benchmarks")
+    t.add_argument("--dir", type=Path, required=True)
+    t.add_argument("--small", action="store_true", help="a tiny configuration for fast tests")
+
+    _add_node_commands(sub)
+    return parser
+
+
+def _add_config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=None,
+                   help="node configuration (TOML); default $DICOM_NODE_CONFIG, else config/node.toml")
+
+
+def _add_node_commands(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("serve", help="run the node: receive photos, parse them, send SEG/SC/SR to the PACS")
+    _add_config_arg(s)
+
+    e = sub.add_parser("echo", help="C-ECHO a configured destination (by name) or HOST:PORT")
+    e.add_argument("destination", help="a destination name from the configuration, or HOST:PORT")
+    e.add_argument("--aet", default=None, help="called AE title (with HOST:PORT; default ANY-SCP)")
+    e.add_argument("--calling-aet", default=None, help="our AE title (default: the node's ae_title)")
+    e.add_argument("--timeout", type=float, default=10.0, help="seconds (default %(default)s)")
+    _add_config_arg(e)
+
+    j = sub.add_parser("jobs", help="list, show and retry the node's jobs")
+    jsub = j.add_subparsers(dest="jobs_command", required=True)
+    jl = jsub.add_parser("list", help="newest jobs first")
+    jl.add_argument("--state", action="append", default=None,
+                    choices=[s.value for s in JobState], help="only jobs in this state (repeatable)")
+    jl.add_argument("--limit", type=int, default=50)
+    jl.add_argument("--json", action="store_true", help="one JSON document instead of a table")
+    _add_config_arg(jl)
+    js = jsub.add_parser("show", help="one job: record, results, deliveries and history")
+    js.add_argument("job", help="job id or received SOP Instance UID")
+    js.add_argument("--json", action="store_true")
+    _add_config_arg(js)
+    jr = jsub.add_parser("retry", help="re-open failed jobs (dispatch again, or process again)")
+    jr.add_argument("jobs", nargs="*", help="job ids")
+    jr.add_argument("--all-failed", action="store_true", help="every failed job")
+    _add_config_arg(jr)
+
+    n = sub.add_parser("send", help="C-STORE DICOM files to a peer (a small SCU for demos and tests)")
+    n.add_argument("files", nargs="+", type=Path, help="DICOM files or directories (searched recursively)")
+    n.add_argument("--to", required=True, metavar="HOST:PORT")
+    n.add_argument("--aet", required=True, help="called AE title")
+    n.add_argument("--calling-aet", default="DICOM_NODE_SCU", help="our AE title (default %(default)s)")
+    n.add_argument("--timeout", type=float, default=30.0, help="seconds (default %(default)s)")
+
+
+# command -> (module of this package, its entry point); imported only when that command runs, so
+# `dicom-node --help` and `jobs list` never load torch.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "parse": ("parse", "run_parse"),
+    "model": ("model", "run"),
+    "serve": ("serve", "run"),
+    "jobs": ("jobs", "run"),
+    "echo": ("peers", "run_echo"),
+    "send": ("peers", "run_send"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dicom_node.logs import setup_logging
+
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    module, entry = COMMANDS[args.command]
+    run = getattr(importlib.import_module(f"dicom_node.cli.{module}"), entry)
+    return int(run(args))

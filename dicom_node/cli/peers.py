@@ -1,0 +1,80 @@
+"""``dicom-node echo`` and ``dicom-node send``: C-ECHO a peer, C-STORE files to one (a small SCU
+for demos, tests and checking a destination before the first photo)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from dicom_node.cli.common import load_or_explain
+from dicom_node.dispatch.scu import AssociationError, Peer, PeerLike, echo, store_files
+from dicom_node.net import status
+
+
+def _peer_from_text(text: str, ae_title: str | None) -> Peer:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    return Peer(ae_title or "ANY-SCP", host, int(port))
+
+
+def run_echo(args: argparse.Namespace) -> int:
+    config = load_or_explain(args)
+    if config is None:
+        return 2
+    peer: PeerLike
+    try:
+        peer = config.peers.destination(args.destination)
+        label = f"{args.destination} ({peer.ae_title}@{peer.host}:{peer.port})"
+    except KeyError:
+        try:
+            peer = _peer_from_text(args.destination, args.aet)
+        except ValueError:
+            known = ", ".join(d.name for d in config.destinations) or "none configured"
+            print(f"error: {args.destination!r} is neither a destination name ({known}) nor HOST:PORT",
+                  file=sys.stderr)
+            return 2
+        label = f"{peer.ae_title}@{peer.host}:{peer.port}"
+    started = time.perf_counter()
+    try:
+        code = echo(peer, args.calling_aet or config.ae_title, timeout_s=args.timeout)
+    except AssociationError as exc:
+        print(f"C-ECHO to {label} failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"C-ECHO to {label}: {status.describe(code)} in {time.perf_counter() - started:.3f} s")
+    return 0 if status.is_success(code) else 1
+
+
+def run_send(args: argparse.Namespace) -> int:
+    try:
+        peer = _peer_from_text(args.to, args.aet)
+    except ValueError as exc:
+        print(f"error: --to: {exc}", file=sys.stderr)
+        return 2
+    files: list[Path] = []
+    for path in args.files:
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.is_file()))
+        elif path.is_file():
+            files.append(path)
+        else:
+            print(f"error: {path} does not exist", file=sys.stderr)
+            return 2
+    started = time.perf_counter()
+    try:
+        outcomes = store_files(peer, files, args.calling_aet, timeout_s=args.timeout)
+    except AssociationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    failed = 0
+    for outcome in outcomes:
+        print(f"{outcome.path}: {outcome.describe()}")
+        failed += not outcome.stored
+    elapsed = time.perf_counter() - started
+    print(f"sent {len(outcomes) - failed} of {len(outcomes)} to {peer} in {elapsed:.2f} s")
+    return 1 if failed else 0

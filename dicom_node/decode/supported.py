@@ -1,0 +1,62 @@
+"""What the photo decoder reads: SOP classes, transfer syntaxes and the pixel limit.
+
+Kept apart from :mod:`dicom_node.decode.photo` (numpy, Pillow) so that the configuration can
+validate ``[intake]`` against these facts without importing a decoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydicom.uid import (
+    JPEG2000,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+    SecondaryCaptureImageStorage,
+    VLEndoscopicImageStorage,
+    VLMicroscopicImageStorage,
+    VLPhotographicImageStorage,
+)
+
+# The photo class a PACS routing rule forwards (modality XC); what intake accepts by default.
+PHOTO_SOP_CLASS: str = VLPhotographicImageStorage
+# SOP classes whose pixel forms the decoder handles; accepting anything else would acknowledge
+# objects the worker can only fail.
+DECODABLE_SOP_CLASSES: frozenset[str] = frozenset({
+    VLPhotographicImageStorage,
+    VLEndoscopicImageStorage,
+    VLMicroscopicImageStorage,
+    SecondaryCaptureImageStorage,
+})
+# Transfer syntaxes the decoder reads (with the pinned pylibjpeg/pyjpegls plugins).
+DECODABLE_TRANSFER_SYNTAXES: tuple[str, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+)
+# Photos with more pixels are refused before decoding (a 100 MP photo is ~300 MB of RGB).
+DEFAULT_MAX_PIXELS = 100_000_000
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What a received photo may be for the decoder to take it (from ``[intake]``)."""
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    sop_classes: frozenset[str] = DECODABLE_SOP_CLASSES

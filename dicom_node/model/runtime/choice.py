@@ -1,0 +1,143 @@
+"""The choice of a runtime by measurement: ``auto`` checks every candidate against the eager
+reference on the parity fixture's images (:mod:`.agreement`) and uses the fastest one that passes
+and beats eager by ``MIN_SPEEDUP``, else the reference. The check runs once per model, machine and
+package versions, in a process of its own (:mod:`.check`); its result is kept beside the model and
+every start logs the choice and the measured agreement.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from dicom_node.logs import fields
+from dicom_node.model.checkpoint import LoadedModel
+from dicom_node.model.runtime.agreement import Agreement
+from dicom_node.model.runtime.base import NetworkRuntime, RuntimeUnavailable
+from dicom_node.model.runtime.cache import cache_dir_for, locked, machine_signature, read_json
+from dicom_node.model.runtime.eager import EagerRuntime
+from dicom_node.model.runtime.names import CANDIDATES, RUNTIME_CHOICES, RuntimeName
+from dicom_node.model.runtime.registry import build_runtime
+
+log = logging.getLogger(__name__)
+
+# ``auto`` takes a candidate only if it beat eager by this much in the same measurement: less is
+# within this machine's run-to-run noise (15-25 %) and not worth a graph export and its disk.
+MIN_SPEEDUP = 1.10
+
+
+@dataclass
+class RuntimeChoice:
+    runtime: NetworkRuntime
+    agreement: Agreement | None  # the chosen runtime's check (None for the eager reference)
+    checked: dict[str, Agreement | str] = field(default_factory=dict)  # every candidate: its check, or why not
+
+    def summary(self) -> str:
+        if self.agreement is None:
+            return f"{self.runtime.describe()}: the reference"
+        return f"{self.runtime.describe()}: {self.agreement.summary()}"
+
+
+def _versions() -> str:
+    parts = [f"torch={torch.__version__}"]
+    try:
+        parts.append(f"openvino={metadata.version('openvino')}")
+    except metadata.PackageNotFoundError:
+        pass
+    return " ".join(parts)
+
+
+def check_key(name: str, threads: int | None) -> str:
+    return f"{name} threads={threads or torch.get_num_threads()} {_versions()} cpu={machine_signature()}"
+
+
+def choose_runtime(requested: str, loaded: LoadedModel, threads: int | None = None,
+                   candidates: tuple[str, ...] = CANDIDATES) -> RuntimeChoice:
+    """The runtime to parse with: ``eager``, a named candidate (used only if it passes its
+    check), or ``auto`` (the fastest candidate that passes and beats eager by ``MIN_SPEEDUP``,
+    else eager)."""
+    if requested not in RUNTIME_CHOICES:
+        raise ValueError(f"unknown runtime {requested!r}; choose one of {', '.join(RUNTIME_CHOICES)}")
+    eager = EagerRuntime(loaded.model)
+    if requested == RuntimeName.EAGER:
+        choice = RuntimeChoice(eager, None)
+        _log_choice(choice, requested, loaded)
+        return choice
+    names = candidates if requested == "auto" else (requested,)
+    cache = cache_dir_for(loaded.model_dir, loaded.digest)
+    results_path = cache / f"agreement-{loaded.digest[:16]}.json"
+    keys = {name: check_key(name, threads) for name in names}
+    with locked(cache, "agreement"):  # one process measures; the others read its results
+        missing = [name for name in names if keys[name] not in read_json(results_path)]
+        failure = _check_in_child(loaded, missing, threads, requested, results_path) if missing else None
+        results = read_json(results_path)
+    checked: dict[str, Agreement | str] = {}
+    for name in names:
+        if keys[name] in results:
+            agreement = checked[name] = Agreement(**results[keys[name]])
+            if name in missing:
+                _log_check(agreement, loaded)
+        else:
+            checked[name] = failure or "unavailable: not checked"
+    choice = RuntimeChoice(eager, None, checked)
+    best = best_candidate(checked, requested)
+    if best is not None:
+        try:
+            choice = RuntimeChoice(build_runtime(best.runtime, loaded, threads), best, checked)
+        except RuntimeUnavailable as exc:
+            checked[best.runtime] = f"unavailable: {exc}"
+    _log_choice(choice, requested, loaded)
+    return choice
+
+
+def best_candidate(checked: dict[str, Agreement | str], requested: str) -> Agreement | None:
+    """The passing candidate to use: for ``auto`` only one clearly faster than eager."""
+    passing = [a for a in checked.values() if isinstance(a, Agreement) and a.passed]
+    if requested == RuntimeName.AUTO:
+        passing = [a for a in passing if a.speedup >= MIN_SPEEDUP]
+    return min(passing, key=lambda a: a.network_s / a.eager_network_s) if passing else None
+
+
+def _check_in_child(loaded: LoadedModel, names: list[str], threads: int | None, requested: str,
+                    results_path: Path) -> str | None:
+    """Run the checks in a fresh process (:mod:`.check`); None, or why they could not run.
+
+    Exporting and checking the full model peaks near 6 GiB, and a parsing process keeps its
+    high-water mark (:mod:`dicom_node.allocator`): done here, a worker would hold that memory
+    for ever. A plain subprocess, because node workers are daemonic and may not fork children of
+    their own through multiprocessing. It logs to our stderr and writes ``results_path``.
+    """
+    job = {"model_dir": str(loaded.model_dir), "names": names, "threads": threads, "requested": requested,
+           "results_path": str(results_path), "keys": {n: check_key(n, threads) for n in names},
+           "log_level": logging.getLogger().getEffectiveLevel()}
+    done = subprocess.run([sys.executable, "-m", "dicom_node.model.runtime.check", json.dumps(job)], check=False)
+    if done.returncode != 0:
+        return f"unavailable: the check process failed (exit code {done.returncode})"
+    return None
+
+
+def _log_check(agreement: Agreement, loaded: LoadedModel) -> None:
+    log.info(fields(event="runtime.checked", runtime=agreement.runtime, passed=agreement.passed,
+                    label_agreement=f"{agreement.label_agreement:.5f}",
+                    min_instance_iou=f"{agreement.min_instance_iou:.4f}", lost_instances=agreement.lost_instances,
+                    network_s=f"{agreement.network_s:.3f}", eager_network_s=f"{agreement.eager_network_s:.3f}",
+                    export_s=None if agreement.export_s is None else f"{agreement.export_s:.1f}",
+                    model=loaded.digest[:16]))
+
+
+def _log_choice(choice: RuntimeChoice, requested: str, loaded: LoadedModel) -> None:
+    others = "; ".join(f"{name}: {'passed' if isinstance(r, Agreement) and r.passed else 'rejected'} "
+                       f"({r.summary() if isinstance(r, Agreement) else r})" for name, r in choice.checked.items()
+                       if name != choice.runtime.name)
+    log.info(fields(event="runtime.selected", requested=requested, runtime=choice.runtime.name,
+                    agreement=choice.summary(), others=others or None, model=loaded.digest[:16]))
+    if requested not in (RuntimeName.AUTO, RuntimeName.EAGER) and choice.runtime.name != requested:
+        log.warning(fields(event="runtime.refused", requested=requested, runtime=choice.runtime.name,
+                           reason=str(choice.checked.get(requested, "not checked"))))

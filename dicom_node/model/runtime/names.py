@@ -1,0 +1,24 @@
+"""The inference runtimes by name, without torch: the configuration and the CLI offer these.
+
+``eager`` is the reference (native PyTorch, fp32); the others are candidates that are used only
+when they pass their agreement check (:mod:`.agreement`); ``auto`` picks among them by
+measurement (:mod:`.choice`).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class RuntimeName(StrEnum):
+    """``[worker] runtime`` and ``dicom-node parse --runtime``."""
+
+    AUTO = "auto"  # the fastest candidate that passes its check and beats eager, else eager
+    EAGER = "eager"  # native PyTorch in fp32: the reference
+    OPENVINO = "openvino"  # the same fp32 network as an OpenVINO graph per padded input shape
+    EAGER_INT8 = "eager-int8"  # an int8 backbone (PyTorch's quantized kernels)
+
+
+RUNTIME_CHOICES: tuple[str, ...] = tuple(name.value for name in RuntimeName)
+RUNTIMES: tuple[RuntimeName, ...] = tuple(name for name in RuntimeName if name != RuntimeName.AUTO)
+CANDIDATES: tuple[RuntimeName, ...] = tuple(name for name in RUNTIMES if name != RuntimeName.EAGER)
