@@ -8,47 +8,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pydicom.uid import (
-    JPEG2000,
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEG2000Lossless,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    RLELossless,
-    SecondaryCaptureImageStorage,
-    VLEndoscopicImageStorage,
-    VLMicroscopicImageStorage,
-    VLPhotographicImageStorage,
-)
+from pydicom import uid
 
 # The photo class a PACS routing rule forwards (modality XC); what intake accepts by default.
-PHOTO_SOP_CLASS: str = VLPhotographicImageStorage
+PHOTO_SOP_CLASS: str = uid.VLPhotographicImageStorage
 # SOP classes whose pixel forms the decoder handles; accepting anything else would acknowledge
 # objects the worker can only fail.
 DECODABLE_SOP_CLASSES: frozenset[str] = frozenset({
-    VLPhotographicImageStorage,
-    VLEndoscopicImageStorage,
-    VLMicroscopicImageStorage,
-    SecondaryCaptureImageStorage,
+    uid.VLPhotographicImageStorage,
+    uid.VLEndoscopicImageStorage,
+    uid.VLMicroscopicImageStorage,
+    uid.SecondaryCaptureImageStorage,
 })
 # Transfer syntaxes the decoder reads (with the pinned pylibjpeg/pyjpegls plugins).
 DECODABLE_TRANSFER_SYNTAXES: tuple[str, ...] = (
-    ExplicitVRLittleEndian,
-    ImplicitVRLittleEndian,
-    JPEGBaseline8Bit,
-    JPEGExtended12Bit,
-    JPEGLossless,
-    JPEGLosslessSV1,
-    JPEGLSLossless,
-    JPEGLSNearLossless,
-    JPEG2000Lossless,
-    JPEG2000,
-    RLELossless,
+    uid.ExplicitVRLittleEndian,
+    uid.ImplicitVRLittleEndian,
+    uid.JPEGBaseline8Bit,
+    uid.JPEGExtended12Bit,
+    uid.JPEGLossless,
+    uid.JPEGLosslessSV1,
+    uid.JPEGLSLossless,
+    uid.JPEGLSNearLossless,
+    uid.JPEG2000Lossless,
+    uid.JPEG2000,
+    uid.RLELossless,
 )
 # Photos with more pixels are refused before decoding (a 100 MP photo is ~300 MB of RGB).
 DEFAULT_MAX_PIXELS = 100_000_000

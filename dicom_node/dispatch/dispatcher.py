@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass, field
 
 from dicom_node.config import DispatchSettings, Peers
 from dicom_node.dispatch.scu import AssociationError, StoreOutcome, store_files
@@ -37,23 +38,24 @@ def backoff_delay_s(failed_attempts: int, policy: DispatchSettings) -> float:
     return min(policy.backoff_max_s, delay)
 
 
+@dataclass(eq=False)
 class Dispatcher:
-    """``dispatch.concurrency`` threads sending due jobs."""
+    """``settings.concurrency`` threads sending due jobs.
 
-    def __init__(self, settings: DispatchSettings, peers: Peers, calling_ae: str, node_id: str, store: JobStore,
-                 spool: Spool, metrics: StageMetrics, results_ready: Doorbell) -> None:
-        """``calling_ae``: the node's AE title, as which results are sent; ``results_ready`` is rung by
-        the workers when a job's objects are spooled."""
-        self.settings = settings
-        self.peers = peers
-        self.calling_ae = calling_ae
-        self.node_id = node_id
-        self.metrics = metrics
-        self.results_ready = results_ready
-        self.store = store
-        self.spool = spool
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
+    ``calling_ae``: the node's AE title, as which results are sent; ``results_ready`` is rung by the
+    workers when a job's objects are spooled.
+    """
+
+    settings: DispatchSettings
+    peers: Peers
+    calling_ae: str
+    node_id: str
+    store: JobStore
+    spool: Spool
+    metrics: StageMetrics
+    results_ready: Doorbell
+    _stop: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
+    _threads: list[threading.Thread] = field(default_factory=list, init=False, repr=False)
 
     def start(self) -> None:
         for index in range(self.settings.concurrency):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+from typing import TypedDict
 
 import highdicom as hd
 from pydicom.dataset import Dataset
@@ -60,8 +61,20 @@ PATIENT_STUDY_KEYWORDS: tuple[str, ...] = (
 BODY_KEYWORDS: tuple[str, ...] = ("BodyPartExamined", "Laterality")
 
 
-def equipment_kwargs(options: EncodeOptions) -> dict[str, str | None]:
-    """The General Equipment attributes (PS3.3 C.7.5.1) shared by SEG, SC and SR: the node is the device."""
+class Equipment(TypedDict):
+    """highdicom's keyword arguments for General Equipment (PS3.3 C.7.5.1), typed so that
+    ``**equipment_kwargs(options)`` is checked key by key against each builder's signature."""
+
+    manufacturer: str
+    manufacturer_model_name: str
+    software_versions: str
+    device_serial_number: str
+    institution_name: str | None
+    institutional_department_name: str | None
+
+
+def equipment_kwargs(options: EncodeOptions) -> Equipment:
+    """The General Equipment attributes shared by SEG, SC and SR: the node is the device."""
     return {
         "manufacturer": options.manufacturer,
         "manufacturer_model_name": options.manufacturer_model_name,

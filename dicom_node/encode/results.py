@@ -67,7 +67,11 @@ def encode_results(
     options = dataclasses.replace(options, content_datetime=content_datetime(options))
 
     def overlay_sc() -> hd.sc.SCImage:
-        image = overlay_rgb if overlay_rgb is not None else overlay(photo_rgb, result.label_map)
+        if overlay_rgb is not None:
+            image = overlay_rgb
+        else:
+            assert photo_rgb is not None  # refused above: an overlay or the photo is given
+            image = overlay(photo_rgb, result.label_map)
         return build_overlay_sc(photo_ds, image, result, options)
 
     sc_future = _sc_executor().submit(overlay_sc)

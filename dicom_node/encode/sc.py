@@ -141,6 +141,9 @@ def build_overlay_sc(
         history = ([*ratios, ratio] if len(ratios) == len(methods) else [], [*methods, JPEG_METHOD])
     set_lossy_compression(sc, history)
     set_content_datetime(sc, when)
-    sc.DateOfSecondaryCapture = when.strftime("%Y%m%d")
-    sc.TimeOfSecondaryCapture = when.strftime("%H%M%S.%f")
+    # highdicom's SCImage assigns DA/TM objects here, so mypy takes those for the attributes' types;
+    # pydicom takes a string for any DA/TM element, and the string keeps the ".%f" form of the
+    # other times (TM of a time drops a zero fraction).
+    sc.DateOfSecondaryCapture = when.strftime("%Y%m%d")  # type: ignore[assignment]
+    sc.TimeOfSecondaryCapture = when.strftime("%H%M%S.%f")  # type: ignore[assignment]
     return sc

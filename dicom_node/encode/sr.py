@@ -23,9 +23,12 @@ Numbers come from ``dicom_node.parse.statistics`` only; nothing here counts pixe
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 from pydicom.uid import SegmentationStorage
 
 from dicom_node.encode import codes as codetable
@@ -47,6 +50,15 @@ from dicom_node.parse.result import ParsingResult
 from dicom_node.parse.statistics import LesionRegionStats, ParsingStatistics, RegionStats
 
 IMAGE_TRACKING_ID = "Persons in image"
+
+
+class _PersonGroupContent(TypedDict):
+    """The arguments a person's measurement group has whether it is a TID 1411 or a TID 1501."""
+
+    finding_category: Code
+    finding_type: Code
+    algorithm_id: hd.sr.AlgorithmIdentification
+    measurements: list[hd.sr.Measurement]
 
 
 def _measurement(name, value: float, unit) -> hd.sr.Measurement:
@@ -174,8 +186,8 @@ def build_measurement_report(
 
     for region in statistics.regions:
         coding = codetable.class_coding(region.class_index)
-        segment = references.find(region.class_index) if references else None
-        if segment is None:
+        segment = references.find(region.class_index) if references is not None else None
+        if references is None or segment is None:
             raise ValueError(f"class {region.class_index} ({region.label}) has statistics but no SEG segment")
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
@@ -198,14 +210,14 @@ def build_measurement_report(
             _measurement(codetable.AREA, person.pixels, codetable.PIXELS),
             _measurement(codetable.AREA_PERCENT_OF_IMAGE, _percent(person.image_fraction), codetable.PERCENT),
         ]
-        common = dict(
+        common = _PersonGroupContent(
             finding_category=person_coding.category,
             finding_type=person_coding.finding_type,
             algorithm_id=algorithm,
             measurements=measurements,
         )
-        segment = references.find(HUMAN, person.person_index) if references else None
-        if segment is not None:
+        segment = references.find(HUMAN, person.person_index) if references is not None else None
+        if references is not None and segment is not None:
             groups.append(
                 hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                     tracking_identifier=references.tracking_identifier(segment),

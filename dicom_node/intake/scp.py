@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass, field
 from io import BytesIO
 from typing import cast
 
@@ -54,22 +55,25 @@ def part10_chunks(event: Event) -> list[bytes | memoryview]:
     return [_PREAMBLE, encode_file_meta(event.file_meta), body]
 
 
+@dataclass(eq=False)
 class IntakeSCP:
-    """The node's receiving application entity, started without blocking."""
+    """The node's receiving application entity, started without blocking.
 
-    def __init__(self, listener: Listener, settings: IntakeSettings, peers: Peers, store: JobStore, spool: Spool,
-                 metrics: StageMetrics, photo_received: Doorbell) -> None:
-        """``photo_received`` is rung for every new job (the workers wait on it)."""
-        self.listener = listener
-        self.settings = settings
-        self.peers = peers
-        self.metrics = metrics
-        self.photo_received = photo_received
-        self.store = store
-        self.spool = spool
-        self._server: ThreadedAssociationServer | None = None
-        self._lock = threading.Lock()
-        self.received = 0  # photos acknowledged since start (new jobs and duplicates)
+    ``photo_received`` is rung for every new job (the workers wait on it).
+    """
+
+    listener: Listener
+    settings: IntakeSettings
+    peers: Peers
+    store: JobStore
+    spool: Spool
+    metrics: StageMetrics
+    photo_received: Doorbell
+    received: int = field(default=0, init=False)  # photos acknowledged since start (new jobs and duplicates)
+    _server: ThreadedAssociationServer | None = field(default=None, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def __post_init__(self) -> None:
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:

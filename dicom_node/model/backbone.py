@@ -22,7 +22,7 @@ class ConvNorm(nn.Conv2d):
                  groups: int = 1, dilation: int = 1) -> None:
         super().__init__(in_ch, out_ch, kernel_size, stride=stride, padding=padding, groups=groups,
                          dilation=dilation, bias=False)
-        self.norm = nn.BatchNorm2d(out_ch)
+        self.norm: nn.Module = nn.BatchNorm2d(out_ch)  # nn.Identity once folded (fuse_norm_)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(super().forward(x))
@@ -42,7 +42,7 @@ class ConvNorm(nn.Conv2d):
         scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
         self.weight.mul_(scale.view(-1, 1, 1, 1))
         self.bias = nn.Parameter(bn.bias - bn.running_mean * scale)
-        self.norm: nn.Module = nn.Identity()
+        self.norm = nn.Identity()
 
 
 class DeepLabStem(nn.Module):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -48,21 +49,22 @@ def _short(text: str) -> str:
     return text if len(text) <= _REASON_MAX else text[: _REASON_MAX - 3] + "..."
 
 
+@dataclass(eq=False)
 class PhotoProcessor:
-    """Runs jobs claimed by one worker (``owner``) with one loaded parser."""
+    """Runs jobs claimed by one worker (``owner``) with one loaded parser.
 
-    def __init__(self, store: JobStore, spool: Spool, parser: HumanParser, owner: str, router: Router,
-                 limits: DecodeLimits, labels: EncodeOptions, max_attempts: int) -> None:
-        """``limits``: what a photo may be to be decoded; ``labels``: how the results are labelled;
-        ``max_attempts``: tries of a job that fails for the machine's sake (disk, memory)."""
-        self.store = store
-        self.spool = spool
-        self.parser = parser
-        self.owner = owner
-        self.router = router
-        self.limits = limits
-        self.options = labels
-        self.max_attempts = max_attempts
+    ``limits``: what a photo may be to be decoded; ``labels``: how the results are labelled;
+    ``max_attempts``: tries of a job that fails for the machine's sake (disk, memory).
+    """
+
+    store: JobStore
+    spool: Spool
+    parser: HumanParser
+    owner: str
+    router: Router
+    limits: DecodeLimits
+    labels: EncodeOptions
+    max_attempts: int
 
     def run(self, job: Job) -> Job | None:
         """Process one claimed job to DISPATCHING, DONE or FAILED (or back to RECEIVED); never raises
@@ -138,7 +140,7 @@ class PhotoProcessor:
 
         self.store.advance(job.id, self.owner, JobState.ENCODING)
         try:
-            encoded = encode_results(ds, photo.rgb, result, None, self.options)  # renders the overlay too
+            encoded = encode_results(ds, photo.rgb, result, None, self.labels)  # renders the overlay too
         except MemoryError:
             raise
         except Exception as exc:

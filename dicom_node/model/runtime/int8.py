@@ -123,6 +123,7 @@ class QuantizedBackbone(torch.nn.Module):
         for stage, blocks, outs in zip(self.stage_names, self.stages, self.block_out, strict=True):
             assert isinstance(blocks, torch.nn.ModuleList)  # what __init__ appended: one per stage
             for block, (out_scale, out_zero) in zip(blocks, outs, strict=True):
+                assert isinstance(block, torch.nn.ModuleDict)
                 shortcut = block["shortcut"](x) if "shortcut" in block else x
                 out = block["conv3"](block["conv2"](block["conv1"](x)))
                 x = torch.ops.quantized.add_relu(out, shortcut, out_scale, out_zero)
