@@ -28,7 +28,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dicom-node", description=__doc__)
+    parser = argparse.ArgumentParser(prog="dicom-node", description="DICOM AI node: parse body photographs with M2FP, "
+                                     "return SEG, SC and SR to the PACS.")
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR")
     sub = parser.add_subparsers(dest="command", required=True)
 
