@@ -42,6 +42,8 @@ def is_stored(status: int) -> bool:
 
 
 def describe(status: int) -> str:
-    """``0xA700 (Failure: Refused: Out of Resources)`` and the like, for logs and job reasons."""
+    """``0xA700 (out of resources)`` and the like, for logs, job reasons and the CLI: pynetdicom's
+    meaning of the code (its category where it names none), in lower case."""
     category, text = STORAGE_SERVICE_CLASS_STATUS.get(status, (code_to_category(status), ""))
-    return f"0x{status:04X} ({category}{': ' + text if text else ''})"
+    meaning = text.removeprefix("Refused: ").removeprefix("Error: ") or category
+    return f"0x{status:04X} ({meaning.lower().replace('sop class', 'SOP class')})"
