@@ -96,6 +96,15 @@ class IntakeSettings(_Section):
     dimse_timeout_s: float = Field(default=60.0, gt=0)
     network_timeout_s: float = Field(default=60.0, gt=0)
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=1)
+    min_free_disk_mb: int = Field(
+        default=1024, ge=0,
+        description="below this much free space in data_dir a C-STORE gets 0xA700 before anything is written")
+    resume_free_disk_mb: int = Field(
+        default=256, ge=0,
+        description="hysteresis: once refusing, intake resumes at min_free_disk_mb + this much free space")
+    max_object_mb: int = Field(
+        default=1024, ge=1,
+        description="largest object one C-STORE may spool; larger ones are refused (a 12 MP photo is ~36 MB)")
 
     @field_validator("accepted_sop_classes")
     @classmethod
@@ -133,7 +142,11 @@ class Caller(_Section):
     """A modality or PACS allowed to open associations with the node."""
 
     ae_title: str
-    host: str | None = Field(default=None, description="pin: only associations from this address")
+    host: str | None = Field(default=None, description="pin: only associations from this IP address or network")
+    certificate_subject: str | None = Field(
+        default=None, min_length=1,
+        description="pin: only TLS associations whose client certificate has this subject (RFC 4514, "
+                    "e.g. 'CN=modality-1,O=Hospital')")
     return_to: str | None = Field(default=None, description="destination name that '@sender' means")
 
     @field_validator("ae_title")
@@ -141,19 +154,66 @@ class Caller(_Section):
     def _ae(cls, value: str) -> str:
         return _check_ae_title(value)
 
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str | None) -> str | None:
+        """An IP address or network (CIDR). Host names are refused here rather than resolved: the
+        association's peer is known only by its address, a name resolved once goes stale when DNS
+        changes, and a silently stale pin rejects every association from a legitimate caller."""
+        if value is None:
+            return None
+        value = value.strip()
+        try:
+            return str(ipaddress.ip_network(value, strict=False)) if "/" in value else str(ipaddress.ip_address(value))
+        except ValueError:
+            raise ValueError(
+                f"{value!r} is not an IP address or network: callers are pinned by address (e.g. '10.1.2.3' or "
+                "'10.1.2.0/24'), because an association's peer is known only by its address; "
+                "resolve the host name and give its address"
+            ) from None
+
+    def admits_host(self, address: str | None) -> bool:
+        """Whether an association from ``address`` may be this caller (no pin: any address)."""
+        if self.host is None or address is None:
+            return True
+        try:
+            peer = ipaddress.ip_address(address.strip().strip("[]"))
+        except ValueError:
+            return False
+        if isinstance(peer, ipaddress.IPv6Address) and peer.ipv4_mapped is not None:
+            peer = peer.ipv4_mapped
+        if "/" in self.host:
+            return peer in ipaddress.ip_network(self.host)
+        return peer == ipaddress.ip_address(self.host)
+
 
 class Destination(_Section):
-    """A peer the node sends results to by C-STORE."""
+    """A peer the node sends results to by C-STORE (over TLS when ``tls`` is true)."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     ae_title: str
     host: str = Field(min_length=1)
     port: int = Field(ge=1, le=_PORT_MAX)
+    tls: bool = Field(default=False, description="DICOM TLS (PS3.15 Annex B.9, BCP 195) to this peer")
+    ca_certificates: Path | None = Field(
+        default=None, description="PEM file of the CAs the peer's certificate must chain to (TLS: required)")
+    certificate: Path | None = Field(default=None, description="client certificate (PEM) shown to the peer")
+    private_key: Path | None = Field(default=None, description="the client certificate's private key (PEM)")
 
     @field_validator("ae_title")
     @classmethod
     def _ae(cls, value: str) -> str:
         return _check_ae_title(value)
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> Destination:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together (the client certificate and its key)")
+        if not self.tls and (self.ca_certificates or self.certificate):
+            raise ValueError("ca_certificates, certificate and private_key are used only with tls = true")
+        if self.tls and self.ca_certificates is None:
+            raise ValueError("tls = true needs ca_certificates: the node verifies every peer it sends PHI to")
+        return self
 
 
 class RoutingRule(_Section):
@@ -201,19 +261,28 @@ class WorkerSettings(_Section):
     runtime: RuntimeName = Field(
         default=RuntimeName.AUTO,
         description="auto: the fastest runtime that passes its agreement check against eager fp32")
-    max_attempts: int = Field(default=3, ge=1, description="tries of one photo when its worker dies or the disk fails")
+    max_attempts: int = Field(
+        default=3, ge=1,
+        description="tries of one photo whose processing fails for the machine's sake (disk, memory) or whose "
+                    "worker dies while the node lives; a node restart is not counted")
     poll_interval_s: float = Field(default=0.1, gt=0)
     restart_delay_s: float = Field(default=1.0, gt=0, description="first wait before restarting a dead worker")
     max_restart_delay_s: float = Field(default=60.0, gt=0)
     deaths_before_not_ready: int = Field(default=3, ge=1, description="worker deaths within 5 minutes")
     model_retry_interval_s: float = Field(default=60.0, gt=0, description="wait before loading a failed model again")
     not_ready_log_interval_s: float = Field(default=60.0, gt=0)
+    sweep_interval_s: float = Field(default=30.0, gt=0,
+                                    description="how often jobs held by a gone worker are returned to the queue")
 
 
 class DispatchSettings(_Section):
     """The sending stage and its retry policy (exponential backoff, persisted in the job store)."""
 
-    max_attempts: int = Field(default=10, ge=1)
+    max_attempts: int = Field(default=10, ge=1, description="at least this many attempts ...")
+    give_up_after_h: float = Field(
+        default=24.0, ge=0,
+        description="... and at least this long since the first attempt before a job ends failed: a PACS "
+                    "down for a maintenance window gets its results afterwards")
     backoff_initial_s: float = Field(default=5.0, gt=0)
     backoff_factor: float = Field(default=2.0, ge=1)
     backoff_max_s: float = Field(default=600.0, gt=0)
@@ -224,6 +293,47 @@ class DispatchSettings(_Section):
     poll_interval_s: float = Field(default=0.1, gt=0)
     timeout_s: float = Field(default=60.0, gt=0, description="ACSE, DIMSE and network timeouts of one send")
     lease_s: float = Field(default=600.0, gt=0, description="how long a send may hold a job before others may")
+
+
+class RetentionSettings(_Section):
+    """The cleaner: how long spooled photos, results and job records are kept (photos are PHI).
+
+    Nothing that is not yet delivered is ever deleted: a job's files go only once it is DONE
+    (or FAILED, after ``failed_after_h``, which leaves a person time to retry it)."""
+
+    done_after_h: float = Field(default=24.0, ge=0,
+                                description="delete a delivered job's photo and results this long after it ended")
+    failed_after_h: float = Field(default=168.0, ge=0,
+                                  description="delete a failed job's files this long after it failed")
+    job_history_days: float = Field(default=90.0, ge=0,
+                                    description="delete ended jobs' records and history this long after they ended")
+    max_spool_gb: float = Field(default=10.0, gt=0,
+                                description="above this the oldest delivered jobs' files go first, before their time")
+    interval_s: float = Field(default=300.0, gt=0, description="how often the cleaner runs")
+
+
+class TlsSettings(_Section):
+    """DICOM TLS on the receiving side (PS3.15 Annex B.9: TLS 1.2+, BCP 195 cipher suites)."""
+
+    enabled: bool = False
+    port: int = Field(default=2762, ge=0, le=_PORT_MAX, description="the TLS listener (2762: DICOM over TLS)")
+    plain_listener: bool = Field(default=True, description="false: only the TLS port listens")
+    certificate: Path | None = Field(default=None, description="the node's certificate chain (PEM)")
+    private_key: Path | None = Field(default=None, description="its private key (PEM)")
+    ca_certificates: Path | None = Field(default=None,
+                                         description="PEM file of the CAs whose client certificates are accepted")
+    require_client_certificate: bool = True
+
+    @model_validator(mode="after")
+    def _files(self) -> TlsSettings:
+        if not self.enabled:
+            return self
+        if self.certificate is None or self.private_key is None:
+            raise ValueError("tls.enabled needs tls.certificate and tls.private_key")
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("tls.require_client_certificate needs tls.ca_certificates (the CAs callers' "
+                             "certificates must be signed by)")
+        return self
 
 
 _LABELS = EncodeOptions()  # the defaults of how results are labelled live with the encoder
@@ -278,8 +388,6 @@ class HttpSettings(_Section):
     max_waiting_parses: int = Field(default=4, ge=0, description="parses queued behind the running one; "
                                                                   "more get 503")
     parse_threads: int = Field(default=0, ge=0, description="torch threads of the API's parser; 0: half the cores")
-    min_free_disk_mb: int = Field(default=500, ge=0, description="/readyz fails below this much free space in "
-                                                                   "data_dir")
 
     @property
     def auth_required(self) -> bool:
@@ -304,6 +412,8 @@ class Listener:
     ae_title: str
     bind_address: str
     port: int
+    plain: bool = True  # false: only the TLS listener
+    tls: TlsSettings | None = None  # None: no TLS listener
 
 
 @dataclass(frozen=True)
@@ -324,15 +434,19 @@ class Peers:
         if caller.return_to is not None:
             return self.destination(caller.return_to)
         for dest in self.destinations:
-            if dest.ae_title == caller.ae_title and (caller.host is None or dest.host == caller.host):
+            if dest.ae_title == caller.ae_title and caller.admits_host(dest.host):
                 return dest
         return None
 
-    def caller(self, ae_title: str, host: str | None) -> Caller | None:
-        """The caller entry that admits ``ae_title`` from ``host``, or None (association rejected)."""
+    def caller(self, ae_title: str, host: str | None, certificate_subject: str | None = None) -> Caller | None:
+        """The caller entry that admits ``ae_title`` from ``host`` (and, over TLS, with a client
+        certificate of ``certificate_subject``), or None (association rejected)."""
         for caller in self.callers:
-            if caller.ae_title == ae_title.strip() and (caller.host is None or host is None or caller.host == host):
-                return caller
+            if caller.ae_title != ae_title.strip() or not caller.admits_host(host):
+                continue
+            if caller.certificate_subject is not None and caller.certificate_subject != certificate_subject:
+                continue
+            return caller
         return None
 
 
@@ -367,6 +481,8 @@ class NodeConfig(BaseSettings):
     dispatch: DispatchSettings = Field(default_factory=DispatchSettings)
     results: ResultsSettings = Field(default_factory=ResultsSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
 
     @field_validator("ae_title")
     @classmethod
@@ -426,7 +542,8 @@ class NodeConfig(BaseSettings):
 
     @property
     def listener(self) -> Listener:
-        return Listener(self.ae_title, self.bind_address, self.port)
+        tls = self.tls if self.tls.enabled else None
+        return Listener(self.ae_title, self.bind_address, self.port, plain=tls is None or tls.plain_listener, tls=tls)
 
     @property
     def spool_dir(self) -> Path:

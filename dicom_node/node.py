@@ -210,7 +210,7 @@ class Node:
             checks["model"] = health_model_check(self.health)
         if self.store is not None:
             checks["job_store"] = job_store_check(self.store, config.data_dir)
-        checks["disk_space"] = disk_space_check(config.data_dir, config.http.min_free_disk_mb * MB)
+        checks["disk_space"] = disk_space_check(config.data_dir, config.intake.min_free_disk_mb * MB)
         intake = self.intake
         where = f"{config.bind_address}:{intake.port if intake is not None else config.port}"
         checks["dicom_listener"] = listener_check(lambda: intake is not None and intake.listening, where)

@@ -173,3 +173,34 @@ def test_result_series_numbers_and_descriptions_reach_the_encoder(tmp_path) -> N
     assert options.seg_series_number == 42
     assert options.sr_series_description == "Burn area report"
     assert options.sc_series_number == 9102  # the default stays
+
+
+def test_callers_are_pinned_by_address_or_network_never_by_host_name(tmp_path: Path) -> None:
+    data = {**BASE, "callers": [{"ae_title": "PACS1", "host": "pacs.example.org", "return_to": "pacs"}]}
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, data))
+    assert "callers[0].host" in str(err.value) and "not an IP address or network" in str(err.value)
+
+    data = {**BASE, "callers": [{"ae_title": "PACS1", "host": "10.1.2.0/24", "return_to": "pacs"},
+                                {"ae_title": "CAM", "host": "10.0.0.7", "return_to": "pacs"}]}
+    peers = load_config(write(tmp_path, data)).peers
+    assert peers.caller("PACS1", "10.1.2.77") is not None
+    assert peers.caller("PACS1", "10.1.3.1") is None
+    assert peers.caller("CAM", "10.0.0.7") is not None
+    assert peers.caller("CAM", "::ffff:10.0.0.7") is not None, "an IPv4-mapped IPv6 peer is the same host"
+    assert peers.caller("CAM", "10.0.0.8") is None
+
+
+def test_caller_pinned_to_a_certificate_subject_needs_that_subject(tmp_path: Path) -> None:
+    data = {**BASE, "callers": [{"ae_title": "PACS1", "certificate_subject": "CN=pacs-1,O=Hospital",
+                                 "return_to": "pacs"}]}
+    peers = load_config(write(tmp_path, data)).peers
+    assert peers.caller("PACS1", "10.0.0.5", "CN=pacs-1,O=Hospital") is not None
+    assert peers.caller("PACS1", "10.0.0.5", "CN=pacs-2,O=Hospital") is None
+    assert peers.caller("PACS1", "10.0.0.5", None) is None, "plain TCP has no certificate"
+
+
+def test_dispatch_retries_for_a_day_by_default() -> None:
+    """The retry horizon outlasts a maintenance window: give up only after 24 h and the attempts."""
+    config = NodeConfig(**BASE)
+    assert config.dispatch.give_up_after_h >= 24.0

@@ -36,8 +36,8 @@ def make_setup(tmp_path: Path, pacs_port: int, **dispatch: object):
         data_dir=tmp_path / "data",
         callers=[{"ae_title": "MOD", "return_to": "pacs"}],
         destinations=[{"name": "pacs", "ae_title": "STORESCP", "host": "127.0.0.1", "port": pacs_port}],
-        dispatch={"backoff_initial_s": 0.2, "backoff_max_s": 1.0, "timeout_s": 10.0, "poll_interval_s": 0.05,
-                  **dispatch},
+        dispatch={"give_up_after_h": 0, "backoff_initial_s": 0.2, "backoff_max_s": 1.0, "timeout_s": 10.0,
+                  "poll_interval_s": 0.05, **dispatch},
     )
     store = SqliteJobStore(config.job_db_path)
     spool = LocalSpool(config.data_dir)
@@ -242,3 +242,16 @@ def test_parallel_send_to_storescp_that_serves_one_association_at_a_time(tmp_pat
         assert store.get(job_id).dispatch_attempts == 0
     finally:
         pacs.stop()
+
+
+def test_attempts_alone_do_not_give_up_before_the_time_horizon(tmp_path: Path) -> None:
+    """max_attempts used up within minutes: the job keeps its schedule until give_up_after_h has passed."""
+    config, store, spool = make_setup(tmp_path, free_port(), max_attempts=2, backoff_initial_s=0.1,
+                                      give_up_after_h=24)
+    job_id = job_with_results(store, spool, [make_vl_photo(synthetic_rgb(32, 48))])
+    dispatcher = dispatcher_for(config, store, spool)
+    for _ in range(3):
+        job = dispatcher.dispatch(store.claim_for_dispatch(OWNER, 60, now=time.time() + 3600), OWNER)
+        assert job.state == JobState.DISPATCHING and job.not_before is not None
+    assert job.dispatch_attempts == 3 and "gives up after 2 attempts and 24 h" in job.reason
+    assert store.get(job_id).dispatching_since is not None

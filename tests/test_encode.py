@@ -199,6 +199,24 @@ def test_all_three_objects_pass_dciodvfy(photo, tmp_path):
         assert_dciodvfy_clean(path, photo)
 
 
+@needs_dciodvfy
+def test_photo_without_body_part_gives_valid_objects(rgb_photo, tmp_path):
+    """General Series Laterality is Type 2C (paired body part): unknown without Body Part Examined."""
+    for keyword in ("BodyPartExamined", "Laterality"):
+        if keyword in rgb_photo.dataset:
+            del rgb_photo.dataset[keyword]
+    paths = write_all(encode(rgb_photo), tmp_path)
+    for name, path in paths.items():
+        report = validate(path)
+        assert report.errors == [], f"dciodvfy errors for {name}:\n" + "\n".join(report.errors)
+        # dciodvfy's reminder that an empty Laterality means "unknown", which is the truth here
+        unknown = "only permitted to be empty when actually unknown"
+        unexpected = [w for w in report.warnings if EXPECTED_WARNING not in w and unknown not in w]
+        assert unexpected == [], f"unexpected dciodvfy warnings for {name}: {unexpected}"
+    sc = pydicom.dcmread(paths["sc"])
+    assert "Laterality" in sc and not sc.Laterality
+
+
 def test_objects_reference_the_photo_and_share_its_study_and_patient(photo, tmp_path):
     encoded = encode(photo)
     paths = write_all(encoded, tmp_path)

@@ -196,3 +196,38 @@ def test_transitions_are_logged_one_line_each(store: SqliteJobStore, caplog: pyt
     assert len(lines) == 3
     assert lines[-1].startswith(f"event=job job={job.id} sop=1.2.3.4 from_state=parsing to_state=failed")
     assert 'reason="cannot decode the photo: 16-bit samples"' in lines[-1]
+
+
+def test_a_version_1_store_is_migrated_in_place(tmp_path: Path) -> None:
+    """A data directory from before the retention columns opens, keeps its jobs and gains the columns."""
+    import sqlite3
+
+    path = tmp_path / "jobs.sqlite3"
+    old = SqliteJobStore(path)
+    job, _ = old.add_received(new_job("1.2.3.9"))
+    old.close()
+    db = sqlite3.connect(path)
+    db.execute("ALTER TABLE jobs DROP COLUMN dispatching_since")
+    db.execute("ALTER TABLE jobs DROP COLUMN files_purged_at")
+    db.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    db.commit()
+    db.close()
+    store = SqliteJobStore(path)
+    try:
+        again = store.get(job.id)
+        assert again.sop_instance_uid == "1.2.3.9" and again.files_purged_at is None
+        with sqlite3.connect(path) as check:
+            assert check.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "2"
+    finally:
+        store.close()
+
+
+def test_a_newer_store_is_refused_with_a_message(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "jobs.sqlite3"
+    SqliteJobStore(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    with pytest.raises(RuntimeError, match="newer than this version reads"):
+        SqliteJobStore(path)

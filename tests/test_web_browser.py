@@ -91,7 +91,7 @@ def web_node(small_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
         destinations=[{"name": "pacs", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.port},
                       {"name": "offline", "ae_title": "OFFLINE", "host": "127.0.0.1", "port": free_port()}],
         worker={"count": 1, "torch_threads": 1, "restart_delay_s": 0.5, "poll_interval_s": 0.05},
-        dispatch={"max_attempts": 1, "timeout_s": 10.0, "poll_interval_s": 0.05},
+        dispatch={"max_attempts": 1, "give_up_after_h": 0, "timeout_s": 10.0, "poll_interval_s": 0.05},
         http={"port": 0, "parse_threads": 1},
     )
     node = Node(config)

@@ -4,8 +4,10 @@ The retry schedule lives in the job record (``dispatch_attempts``, ``not_before`
 so a node restarted in the middle of a PACS outage resumes exactly where it stopped. Each object
 delivered to a destination is recorded at once, so a later attempt sends only what is missing,
 and the result objects keep their UIDs across attempts: a PACS that did receive an object whose
-acknowledgement was lost stores it once. Past ``dispatch.max_attempts`` the job waits in FAILED
-until a person runs ``dicom-node jobs retry``.
+acknowledgement was lost stores it once. A job gives up only when it has used both
+``dispatch.max_attempts`` attempts and ``dispatch.give_up_after_h`` hours since its results were
+ready (24 h by default: a PACS down for a maintenance window or a weekend's network change gets its
+results afterwards); it then waits in FAILED until a person runs ``dicom-node jobs retry``.
 """
 
 from __future__ import annotations
@@ -141,10 +143,14 @@ class Dispatcher:
         policy = self.settings
         attempt = job.dispatch_attempts + 1
         what = "; ".join(errors)
-        if attempt >= policy.max_attempts:
-            reason = (f"gave up after {attempt} dispatch attempts: {what}. "
+        now = time.time()
+        since = job.dispatching_since if job.dispatching_since is not None else job.updated_at
+        trying_h = max(0.0, now - since) / 3600
+        if attempt >= policy.max_attempts and trying_h >= policy.give_up_after_h:
+            reason = (f"gave up after {attempt} dispatch attempts over {trying_h:.1f} h: {what}. "
                       f"Run `dicom-node jobs retry {job.id}` once the destination works")
             return self.store.dispatch_failed(job.id, owner, reason, None)
         delay = backoff_delay_s(attempt, policy)
-        reason = f"dispatch attempt {attempt} of {policy.max_attempts} failed: {what}; next attempt in {delay:.1f} s"
-        return self.store.dispatch_failed(job.id, owner, reason, time.time() + delay)
+        reason = (f"dispatch attempt {attempt} failed: {what}; next attempt in {delay:.1f} s (gives up after "
+                  f"{policy.max_attempts} attempts and {policy.give_up_after_h:g} h)")
+        return self.store.dispatch_failed(job.id, owner, reason, now + delay)

@@ -1,7 +1,8 @@
 """Job states and records: what the node knows about one received photo.
 
-A job is created when a photo is acknowledged and is never deleted by the node: its record is how
-a PACS administrator learns what arrived, what was done and, when something failed, why.
+A job is created when a photo is acknowledged. Its record is how a PACS administrator learns what
+arrived, what was done and, when something failed, why; the retention stage deletes its files
+(``files_purged_at``) and, later, the record itself (``retention.job_history_days``).
 
 State flow (PS: one photo in, three result objects out)::
 
@@ -80,6 +81,8 @@ class Job:
     parse_s: float | None  # parsing time of the last successful parse
     received_at: float
     updated_at: float
+    dispatching_since: float | None = None  # when its results were first ready to send (the retry horizon)
+    files_purged_at: float | None = None  # when retention deleted its photo and results
     results: tuple[ResultObject, ...] = ()
     deliveries: frozenset[tuple[str, str]] = field(default_factory=frozenset)  # (destination, SOP Instance UID)
 
