@@ -40,6 +40,7 @@ from pydicom.uid import (
 )
 
 from dicom_node.decode.errors import CorruptPhotoError, PhotoError, UnsupportedPhotoError
+from dicom_node.decode.frame_header import FrameHeaderError, codestream_for, frame_header_problem, read_frame_header
 from dicom_node.decode.supported import DECODABLE_SOP_CLASSES, DEFAULT_MAX_PIXELS
 
 # Photometric interpretations (PS3.3 C.7.6.3.1.2) we turn into RGB, with their samples per pixel.
@@ -270,6 +271,7 @@ def _decode_dataset(
         _check_native_length(ds, rows, columns, samples, photometric)
     else:
         frame = _check_encapsulated(ds, ts)
+        _check_frame_header(frame, ts, rows, columns, samples, max_pixels)
         if ts == RLELossless:
             _check_rle_rows(frame, rows, columns)
 
@@ -349,6 +351,22 @@ def _check_encapsulated(ds: Dataset, ts: UID) -> bytes:
                 f"{UID(ts).name} codestream is truncated: {len(frame)} bytes with no end marker"
             )
     return frame
+
+
+def _check_frame_header(frame: bytes, ts: UID, rows: int, columns: int, samples: int, max_pixels: int) -> None:
+    """Hold the codestream's own frame header to the data set and the pixel limit before any decoder
+    runs: decoders allocate what the codestream declares, so a few-kilobyte file whose JPEG SOF says
+    26000 x 26000 would otherwise cost gigabytes before failing (see :mod:`.frame_header`)."""
+    codestream = codestream_for(ts)
+    if codestream is None:  # RLE: checked by _check_rle_rows
+        return
+    try:
+        header = read_frame_header(frame, codestream)
+    except FrameHeaderError as exc:  # FrameHeaderIncomplete too: this is the whole frame
+        raise CorruptPhotoError(str(exc)) from exc
+    problem = frame_header_problem(header, rows, columns, samples, max_pixels)
+    if problem is not None:
+        raise CorruptPhotoError(problem)
 
 
 def _check_rle_rows(frame: bytes, rows: int, columns: int) -> None:
