@@ -61,6 +61,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_DURATION_UNITS_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def duration_s(text: str) -> float:
+    """``7d``, ``12h``, ``30m``, ``90s`` (or ``1.5d``) -> seconds; argparse reports a bad value."""
+    value, unit = text.strip()[:-1], text.strip()[-1:].lower()
+    try:
+        seconds = float(value) * _DURATION_UNITS_S[unit]
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration: a number and a unit s, m, h or d "
+                                         "(e.g. 7d, 12h)") from None
+    if not seconds >= 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: the duration must be zero or more")
+    return seconds
+
+
 def _add_config_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=None,
                    help="node configuration (TOML); default $DICOM_NODE_CONFIG, else config/node.toml")
@@ -77,7 +93,7 @@ def _add_node_commands(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--timeout", type=float, default=10.0, help="seconds (default %(default)s)")
     _add_config_arg(e)
 
-    j = sub.add_parser("jobs", help="list, show and retry the node's jobs")
+    j = sub.add_parser("jobs", help="list, show, retry and purge the node's jobs")
     jsub = j.add_subparsers(dest="jobs_command", required=True)
     jl = jsub.add_parser("list", help="newest jobs first")
     jl.add_argument("--state", action="append", default=None,
@@ -93,6 +109,15 @@ def _add_node_commands(sub: argparse._SubParsersAction) -> None:
     jr.add_argument("jobs", nargs="*", help="job ids")
     jr.add_argument("--all-failed", action="store_true", help="every failed job")
     _add_config_arg(jr)
+    jp = jsub.add_parser("purge", help="delete the photo and results of done and failed jobs that ended before "
+                                       "a time (never of jobs not yet delivered)")
+    jp.add_argument("--older-than", required=True, type=duration_s, metavar="AGE",
+                    help="jobs that ended longer ago than this: a number with a unit s, m, h or d (7d, 12h)")
+    jp.add_argument("--dry-run", action="store_true", help="print what would be deleted, delete nothing")
+    jp.add_argument("--forget", action="store_true",
+                    help="also delete those jobs' records and history: `jobs list` no longer shows them, and the "
+                         "same photo sent again becomes a new job")
+    _add_config_arg(jp)
 
     n = sub.add_parser("send", help="C-STORE DICOM files to a peer (a small SCU for demos and tests)")
     n.add_argument("files", nargs="+", type=Path, help="DICOM files or directories (searched recursively)")

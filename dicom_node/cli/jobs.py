@@ -1,4 +1,11 @@
-"""``dicom-node jobs list | show | retry``: what arrived, what happened to it, and a second chance."""
+"""``dicom-node jobs list | show | retry | purge``: what arrived, what happened to it, a second chance,
+and deleting by hand what the retention stage would delete later.
+
+``purge --older-than AGE`` deletes the photo and results of DONE and FAILED jobs that ended more
+than AGE ago (never of a job not yet delivered, whatever its age) and keeps their records, so
+``jobs show`` still tells what happened (and that the files are gone); ``--forget`` also deletes
+those records and their history, as ``retention.job_history_days`` does later on its own.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +14,13 @@ import dataclasses
 import datetime
 import json
 import sys
+import time
 from typing import Any
 
 from dicom_node.cli.common import load_or_explain
 from dicom_node.config import NodeConfig
 from dicom_node.queue.factory import open_job_store
-from dicom_node.queue.job import Job, JobEvent, JobState
+from dicom_node.queue.job import FINAL_STATES, Job, JobEvent, JobState
 from dicom_node.queue.store import JobNotFoundError, JobStore, StaleJobError
 
 
@@ -75,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
                 return 0
             _print_job(job, history)
             return 0
+        if args.jobs_command == "purge":
+            return _purge(config, store, args.older_than, args.dry_run, args.forget)
         # retry
         ids = [int(j) for j in args.jobs]
         if args.all_failed:
@@ -107,6 +117,9 @@ def _print_job(job: Job, history: list[JobEvent]) -> None:
     print(f"  SOP instance  {job.sop_instance_uid}")
     print(f"  SOP class     {job.sop_class_uid}  transfer syntax {job.transfer_syntax_uid}")
     print(f"  photo         {job.photo_path}")
+    if job.files_purged_at is not None:
+        print(f"  files         photo and results deleted by retention at {_when(job.files_purged_at)}; "
+              "cannot be retried")
     print(f"  attempts      {job.attempts} processing, {job.dispatch_attempts} failed dispatch")
     if job.not_before:
         print(f"  next attempt  {_when(job.not_before)}")
@@ -123,3 +136,34 @@ def _print_job(job: Job, history: list[JobEvent]) -> None:
     for event in history:
         source = event.from_state.value if event.from_state else "-"
         print(f"    {_when(event.at)}  {source} -> {event.to_state.value}  {event.reason or ''}")
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1_000_000:.1f} MB" if nbytes >= 100_000 else f"{nbytes / 1000:.1f} kB"
+
+
+def _purge(config: NodeConfig, store: JobStore, older_than_s: float, dry_run: bool, forget: bool) -> int:
+    """Delete (or, ``dry_run``, list) the files of DONE and FAILED jobs that ended ``older_than_s`` ago."""
+    from dicom_node.retention.cleaner import Cleaner
+    from dicom_node.spool.local import LocalSpool
+
+    cleaner = Cleaner(config.retention, store, LocalSpool(config.data_dir))
+    ended_before = time.time() - older_than_s
+    if dry_run:
+        planned = cleaner.plan_purge(ended_before)
+        for item in planned:
+            print(f"would delete: job {item.job.id} ({item.job.state.value}, ended {_when(item.job.updated_at)}): "
+                  f"{item.files.files} files, {_size(item.files.bytes)}")
+        files = sum(p.files.files for p in planned)
+        nbytes = sum(p.files.bytes for p in planned)
+        forgettable = ""
+        if forget:
+            ended = [j for j in store.list_jobs(FINAL_STATES, limit=10_000_000) if j.updated_at <= ended_before]
+            forgettable = f"; would forget {len(ended)} job records"
+        print(f"dry run: would purge {len(planned)} jobs: {files} files, {nbytes} bytes ({_size(nbytes)})"
+              f"{forgettable}; nothing was deleted")
+        return 0
+    tally = cleaner.purge_ended_before(ended_before, forget=forget)
+    forgotten = f"; forgot {tally.forgotten} job records" if forget else ""
+    print(f"purged {tally.jobs} jobs: {tally.files} files, {tally.bytes} bytes ({_size(tally.bytes)}){forgotten}")
+    return 0

@@ -3,8 +3,9 @@
 Two kinds of figures:
 
 * events the stages report as they happen, through :class:`StageMetrics` (an instance received
-  or rejected, a dispatch attempt or failure, a parse's duration); a stage always has one, the
-  :class:`NullMetrics` where nothing is scraped (tests, the CLI), so it never asks whether to count;
+  or rejected, a dispatch attempt or failure, a parse's duration, files the cleaner deleted); a stage
+  always has one, the :class:`NullMetrics` where nothing is scraped (tests, the CLI), so it never
+  asks whether to count;
 * states read from the job store at scrape time (jobs per state, queue depth), so they are right
   whichever process moved the job and survive a restart of the node.
 
@@ -28,6 +29,7 @@ from prometheus_client.registry import Collector
 from dicom_node.logs import fields
 from dicom_node.queue.job import JobState
 from dicom_node.queue.store import JobStore
+from dicom_node.retention.reasons import DeletionReason
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +75,17 @@ class _JobStoreCollector(Collector):
 
 
 class StageMetrics(Protocol):
-    """What intake, the worker pool and dispatch report (implemented by :class:`NodeMetrics`)."""
+    """What intake, the worker pool, dispatch and the cleaner report (implemented by :class:`NodeMetrics`)."""
 
     def received(self, source: str = SOURCE_DICOM) -> None: ...
     def rejected(self, reason: str, source: str = SOURCE_DICOM) -> None: ...
     def dispatch_attempt(self, destination: str) -> None: ...
     def dispatch_failure(self, destination: str) -> None: ...
     def observe_parse(self, seconds: float, source: str = SOURCE_DICOM) -> None: ...
+    def retention_deleted(self, why: str, files: int, nbytes: int) -> None: ...
+    def retention_forgotten(self, jobs: int) -> None: ...
+    def retention_error(self) -> None: ...
+    def spool_size(self, nbytes: int) -> None: ...
 
 
 class NullMetrics:
@@ -98,6 +104,18 @@ class NullMetrics:
         pass
 
     def observe_parse(self, seconds: float, source: str = SOURCE_DICOM) -> None:
+        pass
+
+    def retention_deleted(self, why: str, files: int, nbytes: int) -> None:
+        pass
+
+    def retention_forgotten(self, jobs: int) -> None:
+        pass
+
+    def retention_error(self) -> None:
+        pass
+
+    def spool_size(self, nbytes: int) -> None:
         pass
 
 
@@ -129,10 +147,28 @@ class NodeMetrics:
             namespace=NAMESPACE, registry=r, buckets=PARSE_SECONDS_BUCKETS)
         self.open_associations = Gauge(
             "open_associations", "DICOM associations open on the intake port", namespace=NAMESPACE, registry=r)
+        self.retention_deleted_files = Counter(
+            "retention_deleted_files", "Spooled files deleted by the cleaner, by the rule that decided it", ["why"],
+            namespace=NAMESPACE, registry=r)
+        self.retention_deleted_bytes = Counter(
+            "retention_deleted_bytes", "Bytes of spooled files deleted by the cleaner, by the rule that decided it",
+            ["why"], namespace=NAMESPACE, registry=r)
+        self.retention_forgotten_jobs = Counter(
+            "retention_forgotten_jobs", "Job records (with results, deliveries and history) deleted by the cleaner",
+            namespace=NAMESPACE, registry=r)
+        self.retention_errors = Counter(
+            "retention_errors", "Cleaner runs or deletions that failed (retried at the next run)",
+            namespace=NAMESPACE, registry=r)
+        self.spool_bytes = Gauge(
+            "spool_bytes", "Bytes in the spool (photos and results) at the cleaner's last run",
+            namespace=NAMESPACE, registry=r)
         # Known label values start at 0 so a dashboard shows them before the first event.
         for source in (SOURCE_DICOM, SOURCE_API):
             self.instances_received.labels(source)
             self.parse_seconds.labels(source)
+        for why in DeletionReason:
+            self.retention_deleted_files.labels(why.value)
+            self.retention_deleted_bytes.labels(why.value)
         if job_store is not None:
             r.register(_JobStoreCollector(job_store))
         if process_metrics:
@@ -157,6 +193,20 @@ class NodeMetrics:
 
     def observe_parse(self, seconds: float, source: str = SOURCE_DICOM) -> None:
         self.parse_seconds.labels(source).observe(seconds)
+
+    def retention_deleted(self, why: str, files: int, nbytes: int) -> None:
+        """The cleaner deleted ``files`` files of ``nbytes`` bytes; ``why`` is a :class:`DeletionReason`."""
+        self.retention_deleted_files.labels(why).inc(files)
+        self.retention_deleted_bytes.labels(why).inc(nbytes)
+
+    def retention_forgotten(self, jobs: int) -> None:
+        self.retention_forgotten_jobs.inc(jobs)
+
+    def retention_error(self) -> None:
+        self.retention_errors.inc()
+
+    def spool_size(self, nbytes: int) -> None:
+        self.spool_bytes.set(nbytes)
 
     def count_open_associations(self, count: Callable[[], int]) -> None:
         """Read the open associations from ``count`` at each scrape (e.g. ``len(ae.active_associations)``)."""

@@ -14,16 +14,25 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from dicom_node.queue.job import PROCESSING_STATES, Job, JobEvent, JobState, NewJob, ResultKind, ResultObject
-from dicom_node.queue.store import JobNotFoundError, JobStore, StaleJobError
+from dicom_node.queue.job import (
+    FINAL_STATES,
+    PROCESSING_STATES,
+    Job,
+    JobEvent,
+    JobState,
+    NewJob,
+    ResultKind,
+    ResultObject,
+)
+from dicom_node.queue.store import JobNotFoundError, JobStore, JobStoreUnavailableError, StaleJobError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_S = 30.0  # a writer waits this long for another process's transaction
 
 _SCHEMA = """
@@ -47,7 +56,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     destinations TEXT NOT NULL DEFAULT '[]',
     parse_s REAL,
     received_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    dispatching_since REAL,
+    files_purged_at REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, not_before, id);
 CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner);
@@ -81,15 +92,25 @@ CREATE INDEX IF NOT EXISTS job_events_by_job ON job_events (job_id, id);
 
 _JOB_COLUMNS = (
     "id, sop_instance_uid, sop_class_uid, transfer_syntax_uid, calling_ae, calling_host, photo_path, state, "
-    "attempts, dispatch_attempts, not_before, owner, reason, destinations, rule, parse_s, received_at, updated_at"
+    "attempts, dispatch_attempts, not_before, owner, reason, destinations, rule, parse_s, received_at, updated_at, "
+    "dispatching_since, files_purged_at"
+)
+
+# Each step takes a store from version N to N + 1 (index N - 1); run in one transaction at open.
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    # 1 -> 2: when dispatching began (the retry horizon), when the cleaner removed the files
+    ("ALTER TABLE jobs ADD COLUMN dispatching_since REAL",
+     "ALTER TABLE jobs ADD COLUMN files_purged_at REAL"),
 )
 
 
 class SqliteJobStore(JobStore):
     """:class:`JobStore` on a SQLite file (created with its directory when missing)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, clock: Callable[[], float] = time.time) -> None:
+        """``clock``: epoch seconds of every recorded change (injectable, so tests can let a week pass)."""
         self.path = Path(path)
+        self._clock = clock
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
@@ -103,8 +124,15 @@ class SqliteJobStore(JobStore):
             row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             if row is None:
                 db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif int(row[0]) != SCHEMA_VERSION:
-                raise RuntimeError(f"{self.path} has job store schema {row[0]}; this version reads {SCHEMA_VERSION}")
+            elif int(row[0]) > SCHEMA_VERSION:
+                raise RuntimeError(f"{self.path} has job store schema {row[0]}, newer than this version reads "
+                                   f"({SCHEMA_VERSION}): run the newer dicom-node, or restore a backup")
+            elif int(row[0]) < SCHEMA_VERSION:
+                for version in range(int(row[0]), SCHEMA_VERSION):
+                    for statement in _MIGRATIONS[version - 1]:
+                        db.execute(statement)
+                db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+                log.info("job store %s migrated from schema %s to %s", self.path, row[0], SCHEMA_VERSION)
 
     # ------------------------------------------------------------------ connections
 
@@ -129,13 +157,19 @@ class SqliteJobStore(JobStore):
         association; other processes (workers) still meet SQLite's lock, briefly."""
         db = self._connection()
         with self._write_lock:
-            db.execute("BEGIN IMMEDIATE")
             try:
-                yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield db
+                except BaseException:
+                    if db.in_transaction:  # SQLite has already rolled back after some errors (disk full)
+                        db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+            except sqlite3.OperationalError as exc:  # full, locked, I/O error: the machine's problem
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise JobStoreUnavailableError(f"job store {self.path}: {exc}") from exc
 
     def close(self) -> None:
         with self._lock:
@@ -183,6 +217,8 @@ class SqliteJobStore(JobStore):
             parse_s=row[15],
             received_at=row[16],
             updated_at=row[17],
+            dispatching_since=row[18],
+            files_purged_at=row[19],
             results=results,
             deliveries=deliveries,
         )
@@ -226,7 +262,7 @@ class SqliteJobStore(JobStore):
     # ------------------------------------------------------------------ intake
 
     def add_received(self, new: NewJob) -> tuple[Job, bool]:
-        now = time.time()
+        now = self._clock()
         with self._write() as db:
             cursor = db.execute(
                 "INSERT INTO jobs (sop_instance_uid, sop_class_uid, transfer_syntax_uid, calling_ae, calling_host, "
@@ -289,7 +325,7 @@ class SqliteJobStore(JobStore):
     # ------------------------------------------------------------------ processing
 
     def claim_for_processing(self, owner: str, now: float | None = None) -> Job | None:
-        now = time.time() if now is None else now
+        now = self._clock() if now is None else now
         query = ("SELECT id FROM jobs WHERE state = ? AND (not_before IS NULL OR not_before <= ?) "
                  "ORDER BY id LIMIT 1")
         args = (JobState.RECEIVED.value, now)
@@ -310,13 +346,13 @@ class SqliteJobStore(JobStore):
         with self._write() as db:
             self._owned(db, job_id, owner, PROCESSING_STATES)
             db.execute("UPDATE jobs SET rule = ?, destinations = ?, updated_at = ? WHERE id = ?",
-                       (rule, json.dumps(list(destinations)), time.time(), job_id))
+                       (rule, json.dumps(list(destinations)), self._clock(), job_id))
             return self._load(db, job_id)
 
     def advance(self, job_id: int, owner: str, to_state: JobState, reason: str | None = None) -> Job:
         if to_state not in (JobState.ENCODING, JobState.DONE):
             raise ValueError(f"advance() moves to encoding or done, not {to_state.value}")
-        now = time.time()
+        now = self._clock()
         with self._write() as db:
             job = self._owned(db, job_id, owner, PROCESSING_STATES)
             previous = job.state
@@ -327,7 +363,7 @@ class SqliteJobStore(JobStore):
 
     def finish_encoding(self, job_id: int, owner: str, results: Sequence[ResultObject],
                         parse_s: float | None) -> Job:
-        now = time.time()
+        now = self._clock()
         with self._write() as db:
             job = self._owned(db, job_id, owner, {JobState.ENCODING})
             db.execute("DELETE FROM job_results WHERE job_id = ?", (job_id,))
@@ -340,12 +376,13 @@ class SqliteJobStore(JobStore):
                      result.path, position),
                 )
             job = self._move(db, job, JobState.DISPATCHING, None, now, owner=None, lease_until=None,
-                             not_before=None, dispatch_attempts=0, parse_s=parse_s, reason=None)
+                             not_before=None, dispatch_attempts=0, parse_s=parse_s, reason=None,
+                             dispatching_since=now)
         self.log_transition(job, JobState.ENCODING, None)
         return job
 
     def requeue(self, job_id: int, owner: str, reason: str, not_before: float | None = None) -> Job:
-        now = time.time()
+        now = self._clock()
         with self._write() as db:
             job = self._owned(db, job_id, owner, PROCESSING_STATES)
             previous = job.state
@@ -355,7 +392,7 @@ class SqliteJobStore(JobStore):
         return job
 
     def fail(self, job_id: int, reason: str, owner: str | None = None) -> Job:
-        now = time.time()
+        now = self._clock()
         with self._write() as db:
             job = self._load(db, job_id)
             if owner is not None:
@@ -368,7 +405,7 @@ class SqliteJobStore(JobStore):
     # ------------------------------------------------------------------ dispatch
 
     def claim_for_dispatch(self, owner: str, lease_s: float, now: float | None = None) -> Job | None:
-        now = time.time() if now is None else now
+        now = self._clock() if now is None else now
         query = ("SELECT id FROM jobs WHERE state = ? AND (not_before IS NULL OR not_before <= ?) "
                  "AND (owner IS NULL OR lease_until IS NULL OR lease_until < ?) ORDER BY id LIMIT 1")
         args = (JobState.DISPATCHING.value, now, now)
@@ -387,11 +424,11 @@ class SqliteJobStore(JobStore):
             db.execute(
                 "INSERT OR IGNORE INTO deliveries (job_id, destination, sop_instance_uid, delivered_at) "
                 "VALUES (?, ?, ?, ?)",
-                (job_id, destination, sop_instance_uid, time.time()),
+                (job_id, destination, sop_instance_uid, self._clock()),
             )
 
     def dispatch_succeeded(self, job_id: int, owner: str) -> Job:
-        now = time.time()
+        now = self._clock()
         with self._write() as db:
             job = self._owned(db, job_id, owner, {JobState.DISPATCHING})
             job = self._move(db, job, JobState.DONE, None, now, owner=None, lease_until=None, not_before=None,
@@ -400,7 +437,7 @@ class SqliteJobStore(JobStore):
         return job
 
     def dispatch_failed(self, job_id: int, owner: str, reason: str, retry_at: float | None) -> Job:
-        now = time.time()
+        now = self._clock()
         with self._write() as db:
             job = self._owned(db, job_id, owner, {JobState.DISPATCHING})
             to_state = JobState.DISPATCHING if retry_at is not None else JobState.FAILED
@@ -411,8 +448,8 @@ class SqliteJobStore(JobStore):
 
     # ------------------------------------------------------------------ recovery and people
 
-    def release_owner(self, owner_prefix: str, reason: str, max_attempts: int) -> list[Job]:
-        now = time.time()
+    def release_owner(self, owner_prefix: str, reason: str, max_attempts: int, charge: bool = True) -> list[Job]:
+        now = self._clock()
         released: list[tuple[Job, JobState, str]] = []
         pattern = owner_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         with self._write() as db:
@@ -422,7 +459,11 @@ class SqliteJobStore(JobStore):
                 job = self._job(db, row)
                 previous = job.state
                 if job.state in PROCESSING_STATES:
-                    if job.attempts >= max_attempts:
+                    if not charge:  # the claim counted this attempt; it was not the photo's doing
+                        why = f"{reason}; will continue (not counted as an attempt)"
+                        job = self._move(db, job, JobState.RECEIVED, why, now, owner=None, reason=why,
+                                         attempts=max(0, job.attempts - 1))
+                    elif job.attempts >= max_attempts:
                         why = f"{reason}; gave up after {job.attempts} attempts"
                         job = self._move(db, job, JobState.FAILED, why, now, owner=None, reason=why)
                     else:
@@ -437,17 +478,72 @@ class SqliteJobStore(JobStore):
             self.log_transition(job, previous, why)
         return [job for job, _, _ in released]
 
+    def held_jobs(self, owner_prefix: str, states: Iterable[JobState] | None = None) -> list[Job]:
+        db = self._connection()
+        pattern = owner_prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        query = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE owner LIKE ? ESCAPE '\\'"
+        args: list[object] = [pattern]
+        if states is not None:
+            wanted = [JobState(s).value for s in states]
+            query += f" AND state IN ({', '.join('?' for _ in wanted)})"
+            args += wanted
+        return [self._job(db, row) for row in db.execute(query + " ORDER BY id", args).fetchall()]
+
     def retry(self, job_id: int, reason: str = "retried by hand") -> Job:
-        now = time.time()
+        now = self._clock()
         with self._write() as db:
             job = self._load(db, job_id)
             if job.state != JobState.FAILED:
                 raise StaleJobError(f"job {job_id} is {job.state.value}; only failed jobs can be retried")
+            if job.files_purged_at is not None:
+                raise StaleJobError(self.files_purged_message(job))
             if job.results:
                 job = self._move(db, job, JobState.DISPATCHING, reason, now, owner=None, lease_until=None,
-                                 not_before=None, dispatch_attempts=0, reason=reason)
+                                 not_before=None, dispatch_attempts=0, reason=reason, dispatching_since=now)
             else:
                 job = self._move(db, job, JobState.RECEIVED, reason, now, owner=None, lease_until=None,
                                  not_before=None, attempts=0, reason=reason)
         self.log_transition(job, JobState.FAILED, reason)
         return job
+
+    # ------------------------------------------------------------------ retention
+
+    def jobs_with_files(self, states: Iterable[JobState] | None = None, ended_before: float | None = None,
+                        limit: int | None = None) -> list[Job]:
+        where = ["files_purged_at IS NULL"]
+        args: list[object] = []
+        if states is not None:
+            wanted = [JobState(s).value for s in states]
+            where.append(f"state IN ({', '.join('?' for _ in wanted)})")
+            args += wanted
+        if ended_before is not None:
+            where.append("updated_at <= ?")
+            args.append(ended_before)
+        args.append(-1 if limit is None else limit)
+        db = self._connection()
+        rows = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE {' AND '.join(where)} "
+                          "ORDER BY updated_at, id LIMIT ?", args).fetchall()
+        return [self._job(db, row) for row in rows]
+
+    def mark_files_purged(self, job_id: int, ended_before: float, note: str) -> Job | None:
+        now = self._clock()
+        with self._write() as db:
+            job = self._load(db, job_id)
+            if job.state not in FINAL_STATES or job.files_purged_at is not None or job.updated_at > ended_before:
+                return None
+            # updated_at stays: it is when the job ended, which its record's own retention counts from
+            db.execute("UPDATE jobs SET files_purged_at = ? WHERE id = ?", (now, job_id))
+            self._event(db, job_id, now, job.state, job.state, note)
+            return self._load(db, job_id)
+
+    def forget_jobs(self, ended_before: float, limit: int = 500) -> list[int]:
+        finals = [s.value for s in FINAL_STATES]
+        with self._write() as db:
+            ids = [row[0] for row in db.execute(
+                f"SELECT id FROM jobs WHERE state IN ({', '.join('?' for _ in finals)}) "
+                "AND files_purged_at IS NOT NULL AND updated_at <= ? ORDER BY updated_at, id LIMIT ?",
+                (*finals, ended_before, limit))]
+            for table in ("deliveries", "job_results", "job_events"):
+                db.executemany(f"DELETE FROM {table} WHERE job_id = ?", [(i,) for i in ids])
+            db.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in ids])
+        return ids

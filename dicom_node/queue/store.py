@@ -15,6 +15,7 @@ guarantees, which the stages rely on:
 
 from __future__ import annotations
 
+import datetime
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
@@ -31,6 +32,13 @@ class StaleJobError(RuntimeError):
 
 class JobNotFoundError(KeyError):
     """No job has that id."""
+
+
+class JobStoreUnavailableError(RuntimeError):
+    """A write could not be made now (the disk is full, the database is locked or unreachable).
+
+    The machine's problem, not the job's: every engine raises this one type for it, so that the
+    stages wait and write again instead of knowing each engine's own exceptions."""
 
 
 class JobStore(ABC):
@@ -116,12 +124,20 @@ class JobStore(ABC):
     # ------------------------------------------------------------------ recovery and people
 
     @abstractmethod
-    def release_owner(self, owner_prefix: str, reason: str, max_attempts: int) -> list[Job]:
+    def release_owner(self, owner_prefix: str, reason: str, max_attempts: int, charge: bool = True) -> list[Job]:
         """Release every job held by owners starting with ``owner_prefix`` (they are gone).
 
-        Processing jobs go back to RECEIVED, or to FAILED once they have used ``max_attempts``
-        (a photo that kills its worker every time must not kill workers forever); dispatch leases
-        are dropped so the next attempt happens when it was due."""
+        ``charge`` True (a worker died while the node lived): processing jobs go back to RECEIVED,
+        or to FAILED once they have used ``max_attempts`` (a photo that kills its worker every time
+        must not kill workers forever). ``charge`` False (the whole node stopped: not the photo's
+        doing): they go back to RECEIVED and the interrupted attempt is not counted. Dispatch leases
+        are dropped either way, so the next attempt happens when it was due."""
+
+    @abstractmethod
+    def held_jobs(self, owner_prefix: str, states: Iterable[JobState] | None = None) -> list[Job]:
+        """Jobs held by owners starting with ``owner_prefix`` (optionally only in ``states``), oldest
+        first. A read only: the worker pool's sweep compares the holders with its live workers and
+        releases only what a gone one still holds."""
 
     @abstractmethod
     def retry(self, job_id: int, reason: str = "retried by hand") -> Job:
@@ -151,3 +167,35 @@ class JobStore(ABC):
                 reason=reason,
             ),
         )
+
+    # ------------------------------------------------------------------ retention
+
+    @abstractmethod
+    def jobs_with_files(self, states: Iterable[JobState] | None = None, ended_before: float | None = None,
+                        limit: int | None = None) -> list[Job]:
+        """Jobs whose photo and results have not been deleted (``files_purged_at`` unset), optionally
+        only in ``states`` and last changed at or before ``ended_before``; the longest unchanged first.
+
+        For a DONE or FAILED job the last change is when it ended; what the cleaner deletes, and
+        in which order, follows from that."""
+
+    @abstractmethod
+    def mark_files_purged(self, job_id: int, ended_before: float, note: str) -> Job | None:
+        """Claim a DONE or FAILED job's files for deletion: set ``files_purged_at`` and write ``note``
+        to its history, in one step, but only while it is still DONE or FAILED, unchanged since
+        ``ended_before`` and not yet purged. Returns the job, or None when it no longer qualifies
+        (a person retried it meanwhile). Marked first, deleted after: a job whose files may be
+        gone can never be retried, and files a crash left behind are unreferenced (orphans)."""
+
+    @abstractmethod
+    def forget_jobs(self, ended_before: float, limit: int = 500) -> list[int]:
+        """Delete the records (job, results, deliveries, history) of DONE and FAILED jobs that ended
+        at or before ``ended_before`` and whose files are already deleted; at most ``limit`` jobs
+        per call. Returns their ids."""
+
+    @staticmethod
+    def files_purged_message(job: Job) -> str:
+        """Why a job whose files are gone cannot be processed or sent again (``retry``, ``jobs retry``)."""
+        when = datetime.datetime.fromtimestamp(job.files_purged_at or 0).isoformat(sep=" ", timespec="seconds")
+        return (f"job {job.id}'s photo and results were deleted by retention at {when}; "
+                "it cannot be retried: the node no longer holds them")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Collection, Iterator, Sequence
 from io import BytesIO
 from pathlib import Path
 
 from pydicom.dataset import Dataset
 
 from dicom_node.spool.atomic import TMP_PREFIX, Chunks, atomic_write
-from dicom_node.spool.base import Spool
+from dicom_node.spool.base import FileTally, OrphanFile, Spool
 
 PHOTOS = "photos"
 RESULTS = "results"
@@ -53,3 +54,126 @@ class LocalSpool(Spool):
             self.path(relative).unlink()
         except FileNotFoundError:
             pass
+
+    # ------------------------------------------------------------------ retention
+
+    def _inside(self, relative: str) -> Path | None:
+        """The path of ``relative`` if it lies in this spool (a record never sends a deletion elsewhere)."""
+        path = self.path(relative)
+        try:
+            path.resolve().relative_to(self.root.resolve())
+        except ValueError:
+            return None
+        return path
+
+    def _results_dir(self, job_id: int) -> Path:
+        return self.root / RESULTS / str(int(job_id))
+
+    def delete_job_files(self, job_id: int, photo_path: str, result_paths: Sequence[str]) -> FileTally:
+        files = size = 0
+        targets = [self._inside(p) for p in (photo_path, *result_paths)]
+        results_dir = self._results_dir(job_id)
+        if results_dir.is_dir():  # also what was written but never recorded (an encoding cut short)
+            targets += sorted(p for p in results_dir.iterdir() if not p.is_dir())
+        for target in dict.fromkeys(t for t in targets if t is not None):
+            freed = _unlink(target)
+            if freed is not None:
+                files += 1
+                size += freed
+        _rmdir(results_dir)
+        return FileTally(files, size)
+
+    def job_files(self, job_id: int, photo_path: str) -> FileTally:
+        paths = [self._inside(photo_path)]
+        results_dir = self._results_dir(job_id)
+        if results_dir.is_dir():
+            paths += [p for p in results_dir.iterdir() if not p.is_dir()]
+        sizes = [_size(p) for p in paths if p is not None and p.exists()]
+        return FileTally(len(sizes), sum(sizes))
+
+    def usage_bytes(self) -> int:
+        return sum(_size(Path(entry.path)) for entry in _files(self.root))
+
+    def sweep_orphans(self, photos_in_use: Collection[str], jobs_in_use: Collection[int],
+                      older_than: float) -> list[OrphanFile]:
+        deleted: list[OrphanFile] = []
+
+        def sweep(entry: os.DirEntry[str], job_id: int | None, in_use: bool) -> None:
+            try:
+                if entry.stat(follow_symlinks=False).st_mtime >= older_than:
+                    return  # being written now, or just committed
+            except FileNotFoundError:
+                return
+            if in_use and not entry.name.startswith(TMP_PREFIX):
+                return
+            freed = _unlink(Path(entry.path))
+            if freed is not None:
+                deleted.append(OrphanFile(str(Path(entry.path).relative_to(self.data_dir)), freed, job_id))
+
+        photos = self.root / PHOTOS
+        for entry in _files(photos):
+            sweep(entry, None, str(Path(entry.path).relative_to(self.data_dir)) in photos_in_use)
+        results = self.root / RESULTS
+        for top in _scandir(results):
+            job_id = int(top.name) if top.name.isdigit() else None
+            if not top.is_dir(follow_symlinks=False):
+                sweep(top, None, False)
+                continue
+            in_use = job_id is not None and job_id in jobs_in_use
+            try:  # a directory made (or written to) within the grace may be about to receive a file
+                fresh = top.stat(follow_symlinks=False).st_mtime >= older_than
+            except FileNotFoundError:
+                continue
+            for entry in _files(Path(top.path)):
+                sweep(entry, job_id, in_use)
+            if not in_use and not fresh:
+                _rmdir(Path(top.path))
+        # a stray temporary file anywhere else in the spool (an interrupted write of a later layout)
+        for top in _scandir(self.root):
+            if top.name not in (PHOTOS, RESULTS):
+                for entry in [top] if not top.is_dir(follow_symlinks=False) else list(_files(Path(top.path))):
+                    if entry.name.startswith(TMP_PREFIX):
+                        sweep(entry, None, False)
+        return deleted
+
+
+def _scandir(directory: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(directory) as entries:
+            return list(entries)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _files(directory: Path) -> Iterator[os.DirEntry[str]]:
+    """Every file below ``directory`` (links are not followed)."""
+    for entry in _scandir(directory):
+        if entry.is_dir(follow_symlinks=False):
+            yield from _files(Path(entry.path))
+        else:
+            yield entry
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.lstat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _unlink(path: Path) -> int | None:
+    """Delete one file; its size, or None when it was already gone."""
+    try:
+        size = path.lstat().st_size
+        path.unlink()
+    except FileNotFoundError:
+        return None
+    return size
+
+
+def _rmdir(directory: Path) -> None:
+    """Remove a job's results directory once empty (photo shard directories stay: intake writes into them)."""
+    try:
+        directory.rmdir()
+    except (FileNotFoundError, OSError):
+        pass
