@@ -91,7 +91,10 @@ class IntakeSettings(_Section):
     accepted_sop_classes: list[str] = Field(default_factory=lambda: [PHOTO_SOP_CLASS])
     accepted_transfer_syntaxes: list[str] = Field(default_factory=lambda: list(DECODABLE_TRANSFER_SYNTAXES))
     max_associations: int = Field(default=10, ge=1, le=256)
-    max_pdu_bytes: int = Field(default=0, ge=0, description="0: no limit (fewest PDUs, fastest intake)")
+    max_pdu_bytes: int = Field(
+        default=16 * 1024 * 1024, ge=0,
+        description="largest PDU a sender may send: what one association holds in memory before the object's "
+                    "size is checked (16 MiB: a 36 MB photo in 3 PDUs); 0: no limit")
     acse_timeout_s: float = Field(default=30.0, gt=0)
     dimse_timeout_s: float = Field(default=60.0, gt=0)
     network_timeout_s: float = Field(default=60.0, gt=0)
@@ -153,6 +156,17 @@ class Caller(_Section):
     @classmethod
     def _ae(cls, value: str) -> str:
         return _check_ae_title(value)
+
+    @field_validator("certificate_subject")
+    @classmethod
+    def _subject(cls, value: str | None) -> str | None:
+        """Canonical RFC 4514 form, the one intake renders the client certificate's subject in
+        (so 'cn=a, o=B' pins 'CN=a,O=B'); text that is no distinguished name fails here."""
+        if value is None:
+            return None
+        from dicom_node.net.subjects import canonical_subject
+
+        return canonical_subject(value)
 
     @field_validator("host")
     @classmethod

@@ -27,19 +27,20 @@ from dicom_node.allocator import keep_freed_memory
 from dicom_node.config import NodeConfig
 from dicom_node.dispatch.dispatcher import Dispatcher
 from dicom_node.intake.scp import IntakeSCP
+from dicom_node.intake.watermark import DiskWatermark
 from dicom_node.logs import fields
 from dicom_node.model.names import model_present
 from dicom_node.monitor.health import Health
 from dicom_node.monitor.metrics import NodeMetrics
 from dicom_node.monitor.readiness import (
-    MB,
     Check,
     Readiness,
-    disk_space_check,
+    disk_watermark_check,
     health_model_check,
     job_store_check,
     listener_check,
 )
+from dicom_node.net.tls import TlsFilesError, client_context
 from dicom_node.pipeline.routing import Router
 from dicom_node.pipeline.supervisor import WorkerPool
 from dicom_node.pipeline.worker import WorkerSetup
@@ -48,6 +49,7 @@ from dicom_node.queue.factory import open_job_store
 from dicom_node.queue.job import JobState
 from dicom_node.queue.owners import node_owners
 from dicom_node.queue.store import JobStore
+from dicom_node.retention.cleaner import Cleaner
 from dicom_node.spool.local import LocalSpool
 from dicom_node.web.mount import node_app
 from dicom_node.web.server import HttpServer
@@ -117,9 +119,12 @@ def ensure_model(config: NodeConfig) -> None:
 
 
 def recover(config: NodeConfig, store: JobStore) -> list[int]:
-    """Release what this node held when it last stopped, so every interrupted job resumes."""
+    """Release what this node held when it last stopped, so every interrupted job resumes.
+
+    Not charged as an attempt: a node-wide stop (crash, power cut, restart) says nothing about the
+    photo. A photo that kills its worker while the node lives is charged by the worker pool."""
     released = store.release_owner(node_owners(config.node_id), "the node stopped while this job was in progress",
-                                   config.worker.max_attempts)
+                                   config.worker.max_attempts, charge=False)
     counts = store.counts()
     log.info(fields(event="node.recovered", released=len(released),
                     **{state.value: counts[state] for state in JobState if counts[state]}))
@@ -151,6 +156,7 @@ class Node:
         self.intake: IntakeSCP | None = None
         self.workers: WorkerPool | None = None
         self.dispatcher: Dispatcher | None = None
+        self.cleaner: Cleaner | None = None
         self.metrics: NodeMetrics | None = None
         self.http: HttpServer | None = None
         self._stopped = threading.Event()
@@ -175,6 +181,9 @@ class Node:
         metrics.count_open_associations(lambda: intake.open_associations)
         try:
             intake.start()
+        except TlsFilesError as exc:
+            store.close()
+            raise NodeStartError(f"cannot start the DICOM TLS listener: {exc} ([tls] in the configuration)") from exc
         except OSError as exc:
             store.close()
             raise NodeStartError(f"cannot listen on {config.bind_address}:{config.port}: {exc.strerror or exc}. "
@@ -197,24 +206,48 @@ class Node:
         self.dispatcher = Dispatcher(config.dispatch, config.peers, config.ae_title, config.node_id, store,
                                      self.spool, metrics, doorbells.results_ready)
         self.dispatcher.start()
+        self.cleaner = Cleaner(config.retention, store, self.spool, metrics)
+        self.cleaner.start()
         health.start()
         log.info(fields(event="node.started", ae_title=config.ae_title, address=config.bind_address,
                         port=intake.port, http_port=self.http.port if self.http else None,
                         workers=config.worker.count, data_dir=config.data_dir))
 
     def readiness(self) -> Readiness:
-        """``/readyz``: the workers' model, the job store, free disk space, the DICOM port."""
+        """``/readyz``: the workers' model, the job store, the disk watermark, the DICOM port.
+
+        The disk check reads intake's own watermark: ``/readyz`` is not ready exactly while intake
+        answers 0xA700 for want of space (one source of truth)."""
         config = self.config
         checks: dict[str, Check] = {}
         if self.health is not None:
             checks["model"] = health_model_check(self.health)
         if self.store is not None:
             checks["job_store"] = job_store_check(self.store, config.data_dir)
-        checks["disk_space"] = disk_space_check(config.data_dir, config.intake.min_free_disk_mb * MB)
         intake = self.intake
+        watermark = (intake.watermark if intake is not None
+                     else DiskWatermark.from_settings(config.data_dir, config.intake))
+        checks["disk_space"] = disk_watermark_check(watermark)
         where = f"{config.bind_address}:{intake.port if intake is not None else config.port}"
         checks["dicom_listener"] = listener_check(lambda: intake is not None and intake.listening, where)
         return Readiness(checks)
+
+    def reload_tls(self) -> None:
+        """Read the TLS certificates again (SIGHUP): intake swaps its context for new connections and
+        keeps the old one when the new files are bad; the sending side reads its files for every send
+        anyway, so here they are only checked, to put a broken file in the log now rather than at
+        the next send."""
+        if self.intake is not None:
+            self.intake.reload_tls()
+        for dest in self.config.destinations:
+            if not dest.tls or dest.ca_certificates is None:
+                continue
+            try:
+                client_context(dest.ca_certificates, dest.certificate, dest.private_key)
+            except TlsFilesError as exc:
+                log.error(fields(event="dispatch.tls_files_unusable", destination=dest.name, reason=str(exc)))
+            else:
+                log.info(fields(event="dispatch.tls_files_checked", destination=dest.name))
 
     def stop(self) -> None:
         """Stop intake first (peers keep what we no longer acknowledge), then workers and dispatch."""
@@ -222,7 +255,7 @@ class Node:
             return
         self._stopped.set()
         log.info(fields(event="node.stopping"))
-        for stage in (self.http, self.intake, self.workers, self.dispatcher, self.health):
+        for stage in (self.http, self.intake, self.workers, self.dispatcher, self.cleaner, self.health):
             if stage is not None:
                 try:
                     stage.stop()
@@ -234,7 +267,7 @@ class Node:
 
 
 def serve(config: NodeConfig) -> int:
-    """Run the node until SIGTERM or SIGINT. Returns the process exit code."""
+    """Run the node until SIGTERM or SIGINT; SIGHUP re-reads the TLS certificates. Returns the exit code."""
     keep_freed_memory(NODE_THRESHOLDS)  # intake's 1 MB buffers: ~15 % more photos/s (allocator.py)
     try:
         ensure_model(config)
@@ -245,18 +278,33 @@ def serve(config: NodeConfig) -> int:
         return EXIT_CANNOT_START
 
     stop = threading.Event()
+    reload_requested = threading.Event()
+    wake = threading.Event()
 
     def request_stop(signum: int, _frame: object) -> None:
         log.info(fields(event="node.signal", signal=signal.Signals(signum).name))
         stop.set()
+        wake.set()
+
+    def request_reload(signum: int, _frame: object) -> None:
+        # only flagged here: the reload (file reads, logging) runs in the main loop, not in a signal handler
+        reload_requested.set()
+        wake.set()
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
+    # `kill -HUP <pid>` after renewing certificates: new TLS connections use them, open ones go on.
+    signal.signal(signal.SIGHUP, request_reload)
     # `kill -USR1 <pid>` writes every thread's stack to the log: how to see where a node is stuck.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         while not stop.is_set():
-            stop.wait(1.0)
+            wake.wait(1.0)
+            wake.clear()
+            if reload_requested.is_set() and not stop.is_set():
+                reload_requested.clear()
+                log.info(fields(event="node.signal", signal="SIGHUP", action="reload TLS certificates"))
+                node.reload_tls()
     finally:
         started = time.monotonic()
         node.stop()

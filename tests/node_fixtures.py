@@ -449,3 +449,40 @@ def node_factory(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
     yield make
     for node in made:
         node.stop()
+
+
+# --------------------------------------------------------------------------- forged codestream headers
+
+
+def forge_frame_size(frame: bytes, rows: int, columns: int) -> bytes:
+    """``frame`` (JPEG, JPEG-LS or JPEG 2000 codestream) with its frame header claiming ``columns`` x
+    ``rows``: what a lying encoder (or an attacker) sends. The entropy-coded data is left as it was."""
+    data = bytearray(frame)
+    if data[:4] == b"\xff\x4f\xff\x51":  # J2K SOC + SIZ: Xsiz, Ysiz at bytes 8 and 12; offsets follow
+        x_offset, y_offset = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+        data[8:12] = (columns + x_offset).to_bytes(4, "big")
+        data[12:16] = (rows + y_offset).to_bytes(4, "big")
+        return bytes(data)
+    for marker in (b"\xff\xc0", b"\xff\xc1", b"\xff\xc2", b"\xff\xc3", b"\xff\xf7"):  # SOF0-3, SOF55
+        at = data.find(marker)
+        if at >= 0:  # the codestreams made in the tests carry no APP segment that could hold these bytes
+            data[at + 5:at + 7] = rows.to_bytes(2, "big")
+            data[at + 7:at + 9] = columns.to_bytes(2, "big")
+            return bytes(data)
+    raise ValueError("no frame header found to forge")
+
+
+def header_bomb(claimed_rows: int = 26000, claimed_columns: int = 26000, transfer_syntax: str | None = None) -> Dataset:
+    """A small 640 x 480 JPEG Baseline (or ``transfer_syntax``) VL photo whose codestream's frame header
+    claims ``claimed_columns`` x ``claimed_rows`` while Rows/Columns say 480/640: a few kilobytes
+    that make an unguarded decoder allocate gigabytes."""
+    import numpy as np
+    from pydicom.encaps import encapsulate, generate_frames
+    from pydicom.uid import JPEGBaseline8Bit
+
+    from tests.photo_factory import make_vl_photo
+
+    ds = make_vl_photo(np.full((480, 640, 3), 120, np.uint8), transfer_syntax or JPEGBaseline8Bit)
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = encapsulate([forge_frame_size(frame, claimed_rows, claimed_columns)])
+    return ds

@@ -39,6 +39,15 @@ def parity_loaded(parity_model_dir: Path):
     return _loaded(parity_model_dir)
 
 
+# Raw outputs (logits, mask logits) of the runtime's network (BatchNorm folded, NHWC backbone) against the official
+# fp32 outputs, relative to the absmax. The fixture README suggests "~1e-3" and does not claim
+# bit-exactness across machines. Measured for the landscape image's pred_logits (|logits| <= 399):
+# NCHW 1.4e-5 on every CPU; folded + NHWC: within 1e-3 on AMD Zen 3 (AVX2), 1.26e-3 on an Intel
+# Xeon with AVX-512/AMX, where oneDNN's NHWC convolutions sum in another order (ieee fp32 mode: the
+# same 1.26e-3, so no reduced precision is involved). The instance checks below are what users see.
+RAW_REL_TOL = 2e-3
+
+
 @pytest.fixture(scope="module")
 def parity_reference(parity_loaded):
     return reference_run(EagerRuntime(parity_loaded.model), prepare_kwargs(parity_loaded),
@@ -60,7 +69,7 @@ def test_openvino_agrees_with_eager_on_the_parity_fixture(parity_loaded, parity_
     other = runtime.forward(image.tensor)
     assert runtime.last_export_s is None  # the graph of this shape is cached now
     for a, b in ((eager.pred_logits, other.pred_logits), (eager.pred_masks, other.pred_masks)):
-        assert float((a - b).abs().max()) <= 1e-3 * float(a.abs().max())
+        assert float((a - b).abs().max()) <= RAW_REL_TOL * float(a.abs().max())
     names = sorted(p.name for p in runtime.cache_dir.glob("openvino-*.xml"))
     assert names == [f"openvino-{parity_loaded.digest[:16]}-640x864.xml",
                      f"openvino-{parity_loaded.digest[:16]}-864x640.xml"]
@@ -204,16 +213,16 @@ def test_eager_runtime_reproduces_the_official_raw_outputs(parity_loaded, name: 
 
     logits = out.pred_logits.numpy()
     assert logits.shape == raw["pred_logits"].shape == (1, 100, 22)
-    assert float(np.abs(logits - raw["pred_logits"]).max()) <= 1e-3 * float(np.abs(raw["pred_logits"]).max())
+    assert float(np.abs(logits - raw["pred_logits"]).max()) <= RAW_REL_TOL * float(np.abs(raw["pred_logits"]).max())
 
     masks = out.pred_masks[0].numpy()
     recorded = raw["pred_masks_q0_15"].astype(np.float32)
     assert masks.shape[0] == 100 and masks.shape[1:] == recorded.shape[1:]
-    assert float(np.abs(masks[:16] - recorded).max()) <= 0.0078 + 1e-3 * float(np.abs(recorded).max())
+    assert float(np.abs(masks[:16] - recorded).max()) <= 0.0078 + RAW_REL_TOL * float(np.abs(recorded).max())
     scale = float(np.abs(raw["pred_masks_per_query_max"]).max())
     for stat, ours in (("mean", masks.mean((1, 2))), ("std", masks.std((1, 2))), ("min", masks.min((1, 2))),
                        ("max", masks.max((1, 2)))):
-        assert float(np.abs(ours - raw[f"pred_masks_per_query_{stat}"]).max()) <= 1e-3 * scale, stat
+        assert float(np.abs(ours - raw[f"pred_masks_per_query_{stat}"]).max()) <= RAW_REL_TOL * scale, stat
 
 
 def test_unknown_runtime_is_refused(small_model_dir: Path) -> None:

@@ -5,12 +5,20 @@ context may pick one the object is not in, which makes the send fail. So each fi
 (SOP class, transfer syntax) gets a context of its own, plus separate uncompressed contexts as a
 fallback: explicit and implicit little endian convert into each other on the fly, and a
 compressed object is decompressed only when the peer accepts nothing else.
+
+A destination with ``tls = true`` is called over DICOM TLS (PS3.15 Annex B.9): its certificate
+must chain to its ``ca_certificates`` and name its host (an IP address is matched against the
+certificate's IP SANs), and the node shows its client certificate when one is configured. The
+context is built from the files for each send (:func:`tls_args`), so renewed certificates are
+used from the next send on without a restart.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
+import ssl
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +37,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # m
 
 from dicom_node.net import status
 from dicom_node.net.connection import no_delay
+from dicom_node.net.tls import TlsFilesError, client_context, describe_handshake_error
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +50,8 @@ _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 
 class PeerLike(Protocol):
-    """A configured destination or a :class:`Peer`: read-only AE title, host and port."""
+    """A configured destination or a :class:`Peer`: read-only AE title, host and port, and how to
+    reach it over TLS."""
 
     @property
     def ae_title(self) -> str: ...
@@ -49,15 +59,27 @@ class PeerLike(Protocol):
     def host(self) -> str: ...
     @property
     def port(self) -> int: ...
+    @property
+    def tls(self) -> bool: ...
+    @property
+    def ca_certificates(self) -> Path | None: ...
+    @property
+    def certificate(self) -> Path | None: ...
+    @property
+    def private_key(self) -> Path | None: ...
 
 
 @dataclass(frozen=True)
 class Peer:
-    """A remote application entity."""
+    """A remote application entity (over TLS when ``tls``; see :class:`dicom_node.config.Destination`)."""
 
     ae_title: str
     host: str
     port: int
+    tls: bool = False
+    ca_certificates: Path | None = None
+    certificate: Path | None = None
+    private_key: Path | None = None
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
@@ -94,13 +116,63 @@ def _new_ae(calling_ae: str, timeout_s: float) -> AE:
     return ae
 
 
-def _associate(ae: AE, peer: PeerLike, contexts: list[PresentationContext]) -> Association:
+TlsArgs = tuple[ssl.SSLContext, str]
+TLS_PROBE_WAIT_S = 2.0  # how long the diagnosis of a failed TLS association waits for the peer's alert
+
+
+def tls_args(peer: PeerLike) -> TlsArgs | None:
+    """pynetdicom's ``tls_args`` for ``peer`` (None: plain TCP), read from its files now.
+
+    Raises :class:`AssociationError` when a file cannot be used: the send fails with that reason
+    and is retried on the dispatch schedule, so fixed files are picked up without a restart."""
+    if not peer.tls:
+        return None
+    if peer.ca_certificates is None:
+        raise AssociationError(f"{peer.ae_title}@{peer.host}:{peer.port}: TLS needs ca_certificates")
+    try:
+        context = client_context(peer.ca_certificates, peer.certificate, peer.private_key)
+    except TlsFilesError as exc:
+        raise AssociationError(f"{peer.ae_title}@{peer.host}:{peer.port}: {exc}") from None
+    # server_hostname is what the certificate is checked against (PS3.15 B.9: RFC 9325 6.1 identity check)
+    return context, peer.host
+
+
+def _tls_failure(peer: PeerLike, args: TlsArgs, timeout_s: float) -> str | None:
+    """Why a TLS association failed before any A-ASSOCIATE answer, found by one bare handshake.
+
+    pynetdicom reports only that the connection failed. The handshake is repeated on its own: a
+    certificate the node rejects fails it here; one the peer rejects (TLS 1.3 finishes the client's
+    side before the peer has checked the client certificate) shows as the peer's alert on the first
+    read. None when the handshake works now (the failure was something else)."""
+    context, hostname = args
+    try:
+        with socket.create_connection((peer.host, int(peer.port)), timeout=timeout_s) as raw:
+            with context.wrap_socket(raw, server_hostname=hostname) as tls:
+                tls.settimeout(TLS_PROBE_WAIT_S)
+                try:
+                    if not tls.recv(1):
+                        return "the peer closed the connection after the TLS handshake"
+                except TimeoutError:
+                    return None  # the peer waits for our A-ASSOCIATE-RQ: TLS is fine
+    except ssl.SSLError as exc:
+        return f"TLS handshake failed: {describe_handshake_error(exc)}"
+    except OSError:
+        return None
+    return None
+
+
+def _associate(ae: AE, peer: PeerLike, contexts: list[PresentationContext],
+               tls: TlsArgs | None = None) -> Association:
     assoc = ae.associate(peer.host, int(peer.port), contexts=contexts, ae_title=peer.ae_title,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, no_delay)])
+                         evt_handlers=[(evt.EVT_CONN_OPEN, no_delay)], tls_args=tls)
     if assoc.is_established:
         return assoc
     if assoc.is_rejected:
         raise AssociationError(f"{peer.ae_title}@{peer.host}:{peer.port} rejected the association")
+    if tls is not None and assoc.acceptor.primitive is None:
+        why = _tls_failure(peer, tls, ae.connection_timeout or 30.0)
+        if why is not None:
+            raise AssociationError(f"cannot connect to {peer.ae_title}@{peer.host}:{peer.port} over TLS: {why}")
     if assoc.acceptor.primitive is None:  # no A-ASSOCIATE response at all: refused, unreachable, timed out
         raise AssociationError(f"cannot connect to {peer.ae_title}@{peer.host}:{peer.port}")
     if assoc.is_aborted:
@@ -114,7 +186,7 @@ def _associate(ae: AE, peer: PeerLike, contexts: list[PresentationContext]) -> A
 def echo(peer: PeerLike, calling_ae: str, timeout_s: float = 30.0) -> int:
     """C-ECHO ``peer``; returns the status (raises :class:`AssociationError` when there is no association)."""
     ae = _new_ae(calling_ae, timeout_s)
-    assoc = _associate(ae, peer, [build_context(Verification)])
+    assoc = _associate(ae, peer, [build_context(Verification)], tls_args(peer))
     try:
         response = assoc.send_c_echo()
     finally:
@@ -207,12 +279,13 @@ def store_files(
     """
     infos = [_file_info(Path(p)) for p in paths]
     pairs = [(i.sop_class_uid, i.transfer_syntax_uid) for i in infos]
+    tls = tls_args(peer)  # once per send: every association of it uses the same certificates
     if associations > 1 and len(infos) > 2 and len(contexts_for(pairs)) <= MAX_REQUESTED_CONTEXTS:
-        return _store_parallel(peer, infos, calling_ae, timeout_s, on_stored, associations)
+        return _store_parallel(peer, infos, calling_ae, timeout_s, on_stored, associations, tls)
     outcomes: list[StoreOutcome] = []
     ae = _new_ae(calling_ae, timeout_s)
     for batch in _batches(infos):
-        assoc = _associate(ae, peer, contexts_for([(i.sop_class_uid, i.transfer_syntax_uid) for i in batch]))
+        assoc = _associate(ae, peer, contexts_for([(i.sop_class_uid, i.transfer_syntax_uid) for i in batch]), tls)
         try:
             for index, info in enumerate(batch):
                 if not assoc.is_established:
@@ -243,7 +316,8 @@ def _balanced_groups(infos: list[_FileInfo], count: int) -> list[list[int]]:
 
 
 def _store_parallel(peer: PeerLike, infos: list[_FileInfo], calling_ae: str, timeout_s: float,
-                    on_stored: Callable[[StoreOutcome], None] | None, associations: int) -> list[StoreOutcome]:
+                    on_stored: Callable[[StoreOutcome], None] | None, associations: int,
+                    tls: TlsArgs | None = None) -> list[StoreOutcome]:
     """All files but the last on up to ``associations`` associations at once, then the last one.
 
     A PACS stores each association's objects in a thread of its own, so a job's 36 MB overlay
@@ -287,7 +361,7 @@ def _store_parallel(peer: PeerLike, infos: list[_FileInfo], calling_ae: str, tim
             first_answered.wait()
         try:
             if first or not first_error:
-                assoc = _associate(_new_ae(calling_ae, timeout_s), peer, contexts)
+                assoc = _associate(_new_ae(calling_ae, timeout_s), peer, contexts, tls)
         except AssociationError as exc:
             if first:
                 first_error.append(exc)  # before the event: the others see it and do not try
@@ -317,7 +391,7 @@ def _store_parallel(peer: PeerLike, infos: list[_FileInfo], calling_ae: str, tim
     if tail not in outcomes:  # the last to finish had been refused: every other is released by now
         rest = [i for i in sorted(leftovers) + [tail] if i not in outcomes]
         try:
-            assoc = _associate(_new_ae(calling_ae, timeout_s), peer, contexts)
+            assoc = _associate(_new_ae(calling_ae, timeout_s), peer, contexts, tls)
         except AssociationError as exc:  # some files went out: the others are outcomes, not an exception
             for index in rest:
                 info = infos[index]

@@ -120,7 +120,7 @@ def build_overlay_sc(
         # General Series Laterality is Type 2C, required for a paired body part; with no Body Part
         # Examined nobody can tell the part is not paired, so dciodvfy requires it for the SC (not
         # for the SEG, whose IOD it checks by another condition): present and empty, "unknown".
-        sc.Laterality = None
+        sc.Laterality = ""
     sc.PatientOrientation = photo_ds.get("PatientOrientation", "")  # General Image, Type 2C
 
     # SC Equipment (C.8.6.1): made by software on a workstation from an existing image.

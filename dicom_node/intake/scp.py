@@ -2,8 +2,12 @@
 
 What it promises a PACS:
 
-* Only configured callers get an association (AE title, optionally pinned to a host); only the
-  accepted SOP classes are negotiated, in the transfer syntaxes the decoder reads.
+* Only configured callers get an association (AE title, optionally pinned to a host and, over
+  DICOM TLS, to a client certificate subject); only the accepted SOP classes are negotiated, in
+  the transfer syntaxes the decoder reads.
+* With ``[tls] enabled`` a second listener speaks DICOM TLS (PS3.15 Annex B.9, port 2762 by
+  convention) to the same AE and handlers; a failed handshake is one log line, and SIGHUP
+  (:meth:`IntakeSCP.reload_tls`) swaps in renewed certificates without dropping associations.
 * A C-STORE is answered with success only after the photo is in the spool (atomic, fsynced) and its
   job is committed to the job store. Anything that prevents that is answered with 0xA700 (out of
   resources): the sender keeps the object and retries, so nothing acknowledged is ever lost.
@@ -19,9 +23,11 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from io import BytesIO
 from typing import cast
 
+from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
@@ -31,10 +37,20 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # m
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import IntakeSettings, Listener, Peers
+from dicom_node.intake.checks import ReceivedStore, ReceiveGuard, Refusal, check_store
+from dicom_node.intake.watermark import MB, DiskWatermark
 from dicom_node.logs import fields
 from dicom_node.monitor.metrics import StageMetrics
 from dicom_node.net import status
 from dicom_node.net.connection import no_delay
+from dicom_node.net.subjects import peer_certificate_subject
+from dicom_node.net.tls import (
+    TlsAssociationServer,
+    TlsFilesError,
+    certificate_info,
+    server_context,
+    start_tls_server,
+)
 from dicom_node.queue.doorbell import Doorbell
 from dicom_node.queue.job import NewJob
 from dicom_node.queue.store import JobStore
@@ -71,9 +87,16 @@ class IntakeSCP:
     photo_received: Doorbell
     received: int = field(default=0, init=False)  # photos acknowledged since start (new jobs and duplicates)
     _server: ThreadedAssociationServer | None = field(default=None, init=False, repr=False)
+    _tls_server: TlsAssociationServer | None = field(default=None, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    # the disk the spool writes to, held above intake.min_free_disk_mb (read by /readyz too)
+    watermark: DiskWatermark = field(init=False, repr=False)
+    # catches what pynetdicom would drop or choke on before _on_store is called
+    guard: ReceiveGuard = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        self.watermark = DiskWatermark.from_settings(self.spool.path(""), self.settings)
+        self.guard = ReceiveGuard(self.settings.max_object_mb * MB, self.metrics)
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
@@ -94,30 +117,93 @@ class IntakeSCP:
     # ------------------------------------------------------------------ life cycle
 
     def start(self) -> None:
-        """Listen on the configured address and port; returns once the socket is listening."""
+        """Listen on the plain port and/or the TLS port; returns once the sockets are listening.
+
+        Both listeners serve the one AE with the same handlers. The TLS files are read before
+        anything listens, so unusable files raise :class:`TlsFilesError` with nothing started;
+        a port in use raises ``OSError`` (for the TLS port, saying so) with nothing left listening.
+        """
         handlers: list[evt.EventHandlerType] = [
             (evt.EVT_CONN_OPEN, no_delay),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            *self.guard.handlers(),
         ]
         listener = self.listener
-        self._server = self.ae.start_server((listener.bind_address, listener.port), block=False,
-                                            evt_handlers=handlers)
-        log.info(fields(event="intake.listening", ae_title=listener.ae_title, address=listener.bind_address,
-                        port=self.port))
+        tls = listener.tls
+        context = server_context(tls) if tls is not None else None
+        if listener.plain:
+            self._server = self.ae.start_server((listener.bind_address, listener.port), block=False,
+                                                evt_handlers=handlers)
+            log.info(fields(event="intake.listening", ae_title=listener.ae_title, address=listener.bind_address,
+                            port=self.port))
+        if tls is not None and context is not None:
+            try:
+                self._tls_server = start_tls_server(self.ae, (listener.bind_address, tls.port), context, handlers,
+                                                    self.settings.acse_timeout_s, self._on_tls_refused)
+            except OSError as exc:
+                self.stop()
+                raise OSError(exc.errno, f"{exc.strerror or exc} (the DICOM TLS port {tls.port})") from exc
+            log.info(fields(event="intake.listening", ae_title=listener.ae_title, address=listener.bind_address,
+                            port=self.tls_port, tls="true",
+                            client_certificate="required" if tls.require_client_certificate else "optional"))
+            self._log_certificate("intake.tls_certificate")
 
     @property
     def port(self) -> int:
-        """The port actually bound (the configured one, or the kernel's choice for port 0)."""
-        if self._server is None:
-            return self.listener.port
-        return int(self._server.server_address[1])
+        """The port actually bound (the configured one, or the kernel's choice for port 0): the plain
+        listener's, or the TLS listener's when only that one listens (``plain_listener = false``)."""
+        if self._server is not None:
+            return int(self._server.server_address[1])
+        if not self.listener.plain and self.listener.tls is not None:
+            return self.tls_port or self.listener.tls.port
+        return self.listener.port
+
+    @property
+    def tls_port(self) -> int | None:
+        """The DICOM TLS port actually bound; None without a TLS listener."""
+        if self._tls_server is not None:
+            return int(self._tls_server.server_address[1])
+        return self.listener.tls.port if self.listener.tls is not None else None
 
     @property
     def listening(self) -> bool:
-        """Whether the DICOM port takes associations now (between start and stop)."""
-        return self._server is not None
+        """Whether a DICOM port takes associations now (between start and stop)."""
+        return self._server is not None or self._tls_server is not None
+
+    def reload_tls(self) -> bool:
+        """Read the TLS certificate, key and CA files again and use them for new connections (SIGHUP).
+
+        Associations already open keep the context they were accepted with. Files that cannot be
+        used leave the previous context in place and are logged as an ERROR: a half-renewed
+        certificate never takes the listener down. Returns whether the new files are in use.
+        """
+        server, tls = self._tls_server, self.listener.tls
+        if server is None or tls is None:
+            return False
+        try:
+            context = server_context(tls)
+        except TlsFilesError as exc:
+            log.error(fields(event="intake.tls_reload_failed", reason=str(exc), kept="the previous certificates"))
+            return False
+        server.ssl_context = context
+        self._log_certificate("intake.tls_reloaded")
+        return True
+
+    def _log_certificate(self, event: str) -> None:
+        tls = self.listener.tls
+        if tls is None or tls.certificate is None:
+            return
+        try:
+            info = certificate_info(tls.certificate)
+        except TlsFilesError as exc:  # loaded by OpenSSL but not readable here: say so, keep going
+            log.warning(fields(event=event, reason=str(exc)))
+            return
+        expired = info.not_after <= datetime.now(UTC)
+        (log.error if expired else log.info)(fields(
+            event=event, subject=info.subject, serial=f"{info.serial:x}", not_after=info.not_after.isoformat(),
+            expired=expired or None))
 
     @property
     def open_associations(self) -> int:
@@ -125,24 +211,39 @@ class IntakeSCP:
 
     def stop(self) -> None:
         """Stop listening and end open associations (their unacknowledged objects are resent by peers)."""
-        server, self._server = self._server, None
-        if server is not None:
+        servers = [s for s in (self._server, self._tls_server) if s is not None]
+        self._server = self._tls_server = None
+        for server in servers:
             server.shutdown()
+        if servers:
             log.info(fields(event="intake.stopped", received=self.received))
 
     # ------------------------------------------------------------------ handlers
 
     def _on_requested(self, event: Event) -> None:
-        """Reject an association from an AE title (or host) that is not in ``callers``."""
+        """Reject an association from an AE title (or host, or client certificate) not in ``callers``.
+
+        Over TLS the handshake has verified the client certificate by now; its subject is what a
+        caller's ``certificate_subject`` pin is compared with (a pinned caller is never admitted
+        over plain TCP: there is no certificate there)."""
         requestor = event.assoc.requestor
         # requestor.ae_title is only filled in by the negotiation that follows this event
         primitive = requestor.primitive
         calling_ae = str(primitive.calling_ae_title or "").strip() if primitive is not None else ""
         host = requestor.address
-        if self.peers.caller(calling_ae, host) is None:
+        transport = event.assoc.dul.socket
+        subject = peer_certificate_subject(transport.socket if transport is not None else None)
+        if self.peers.caller(calling_ae, host, subject) is None:
+            # a caller of this AE title and host exists, so only its certificate pin can have failed
+            pinned = any(c.ae_title == calling_ae and c.admits_host(host) for c in self.peers.callers)
+            if pinned:
+                reason = ("client certificate subject not the one this caller is pinned to" if subject is not None
+                          else "caller is pinned to a client certificate: TLS with a client certificate needed")
+            else:
+                reason = "calling AE title not configured for this host"
             log.warning(fields(event="intake.rejected", calling_ae=calling_ae, host=host,
-                               reason="calling AE title not configured for this host"))
-            self._rejected("calling_ae_not_recognised")
+                               certificate_subject=subject, reason=reason))
+            self._rejected("certificate_subject" if pinned else "calling_ae_not_recognised")
             event.assoc.acse.send_reject(
                 status.REJECTED_PERMANENT, status.SOURCE_SERVICE_USER, status.REASON_CALLING_AE_NOT_RECOGNISED
             )
@@ -150,21 +251,57 @@ class IntakeSCP:
             # server closes the socket, or the peer only sees a dropped connection
             event.assoc.kill()
 
+    def _on_tls_refused(self, host: str, port: int, reason: str) -> None:
+        """A TLS handshake on the TLS port failed (no, unverifiable or expired client certificate,
+        plain TCP, timeout): one line, and the connection is closed."""
+        log.warning(fields(event="intake.tls_refused", host=host, port=port, reason=reason))
+        self._rejected("tls_handshake")
+
     def _on_echo(self, event: Event) -> int:
         return status.SUCCESS
 
-    def _on_store(self, event: Event) -> int:
-        """Spool the object as sent (no decoding), commit its job, then acknowledge."""
+    def _on_store(self, event: Event) -> int | Dataset:
+        """Check the header (no decoding), keep room on disk, spool the object as sent, commit its
+        job, then acknowledge.
+
+        What can never become a photo is refused at once with the standard's status and an Error
+        Comment (:mod:`dicom_node.intake.checks`); a disk below its watermark answers 0xA700 before
+        anything is written (:mod:`dicom_node.intake.watermark`).
+        """
         request = cast(C_STORE, event.request)  # the event this handler is bound to
         sop_instance_uid = str(request.AffectedSOPInstanceUID or "").strip()
         sop_class_uid = str(request.AffectedSOPClassUID or "").strip()
         calling_ae = event.assoc.requestor.ae_title.strip()
         host = event.assoc.requestor.address
-        if not sop_instance_uid or not sop_class_uid:
-            log.warning(fields(event="intake.refused", calling_ae=calling_ae,
-                               reason="C-STORE without Affected SOP Class/Instance UID"))
-            self._rejected("missing_uids")
-            return status.CANNOT_UNDERSTAND
+        max_object_bytes = self.settings.max_object_mb * MB
+
+        def refuse(refusal: Refusal) -> Dataset:
+            log.warning(fields(event="intake.refused", sop=None if refusal.omit_instance_uid else sop_instance_uid,
+                               calling_ae=calling_ae, status=status.describe(refusal.status),
+                               reason=refusal.log_reason))
+            self._rejected(refusal.reason)
+            return refusal.response()
+
+        # a command UID pynetdicom could not take (swapped for a stand-in), an object dropped as it arrived
+        early = self.guard.take_refusal(event.assoc, request.MessageID)
+        if early is not None:
+            return refuse(early)
+        data_set = request.DataSet if isinstance(request.DataSet, BytesIO) else BytesIO(event.encoded_dataset(False))
+        size = data_set.getbuffer().nbytes
+        if size > max_object_bytes:
+            return refuse(Refusal(status.OUT_OF_RESOURCES, "object_too_large", "object larger than the node takes",
+                                  f"{size} bytes, more than intake.max_object_mb ({self.settings.max_object_mb} MB)"))
+        received = ReceivedStore(data_set, str(event.context.transfer_syntax), str(event.context.abstract_syntax),
+                                 sop_class_uid, sop_instance_uid)
+        try:
+            refusal = check_store(received, self.settings.max_pixels, max_object_bytes)
+        except Exception as exc:  # a bug in a check must not cost a photo: the worker decides then
+            log.error(fields(event="intake.check_error", sop=sop_instance_uid, calling_ae=calling_ae,
+                             reason=f"{type(exc).__name__}: {exc}"))
+            refusal = None
+        if refusal is not None:
+            return refuse(refusal)
+
         try:
             existing = self.store.find(sop_instance_uid)
         except Exception as exc:  # the store is down: the sender must keep the object
@@ -176,22 +313,30 @@ class IntakeSCP:
             return status.SUCCESS
 
         try:
-            relative = self.spool.write_photo(part10_chunks(event))
-        except Exception as exc:  # disk full, read-only, permissions: never acknowledge
-            return self._out_of_resources(sop_instance_uid, calling_ae, "cannot write the spool", exc)
-        new = NewJob(
-            sop_instance_uid=sop_instance_uid,
-            sop_class_uid=sop_class_uid,
-            transfer_syntax_uid=str(UID(event.context.transfer_syntax)),  # one per accepted context
-            calling_ae=calling_ae,
-            calling_host=host,
-            photo_path=relative,
-        )
-        try:
-            job, created = self.store.add_received(new)
-        except Exception as exc:
-            self.spool.discard(relative)
-            return self._out_of_resources(sop_instance_uid, calling_ae, "cannot commit the job", exc)
+            room = self.watermark.reserve(size + 4096)  # + preamble, file meta, a last block
+        except OSError as exc:
+            return self._out_of_resources(sop_instance_uid, calling_ae, "cannot read the free disk space", exc)
+        if room is None:  # logged by the watermark, once a minute
+            self._rejected("disk_low")
+            return Refusal(status.OUT_OF_RESOURCES, "disk_low", "node disk space low, send again later").response()
+        with room:
+            try:
+                relative = self.spool.write_photo(part10_chunks(event))
+            except Exception as exc:  # disk full, read-only, permissions: never acknowledge
+                return self._out_of_resources(sop_instance_uid, calling_ae, "cannot write the spool", exc)
+            new = NewJob(
+                sop_instance_uid=sop_instance_uid,
+                sop_class_uid=sop_class_uid,
+                transfer_syntax_uid=str(UID(event.context.transfer_syntax)),  # one per accepted context
+                calling_ae=calling_ae,
+                calling_host=host,
+                photo_path=relative,
+            )
+            try:
+                job, created = self.store.add_received(new)
+            except Exception as exc:
+                self.spool.discard(relative)
+                return self._out_of_resources(sop_instance_uid, calling_ae, "cannot commit the job", exc)
         if not created:  # the same UID arrived on another association meanwhile
             self.spool.discard(relative)
             log.info(fields(event="intake.duplicate", sop=sop_instance_uid, job=job.id, state=job.state.value,

@@ -2,8 +2,8 @@
 
 A check is a function returning a :class:`CheckResult`; a check that raises counts as failed with
 the exception as its detail, so one broken dependency never hides the state of the others.
-The node (:mod:`dicom_node.node`) puts its four together: model loaded, job store writable, free
-disk space, DICOM listener up; the web side only evaluates them.
+The node (:mod:`dicom_node.node`) puts its four together: model loaded, job store writable, intake
+above the disk watermark, DICOM listener up; the web side only evaluates them.
 """
 
 from __future__ import annotations
@@ -14,9 +14,13 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dicom_node.monitor.health import Health
 from dicom_node.queue.store import JobStore
+
+if TYPE_CHECKING:
+    from dicom_node.intake.watermark import DiskWatermark
 
 MB = 1_000_000
 
@@ -75,7 +79,22 @@ def job_store_check(store: JobStore, data_dir: Path) -> Check:
     return check
 
 
+def disk_watermark_check(watermark: DiskWatermark) -> Check:
+    """Intake takes photos: the data directory is above the disk watermark (or back above its
+    resume level). The same object answers C-STOREs with 0xA700, so ``/readyz`` and intake never
+    disagree about whether there is room."""
+
+    def check() -> CheckResult:
+        state = watermark.state()
+        return CheckResult(not state.refusing, state.describe())
+
+    return check
+
+
 def disk_space_check(path: Path, min_free_bytes: int) -> Check:
+    """At least ``min_free_bytes`` free in ``path``, for a server without intake (the node itself
+    uses :func:`disk_watermark_check`)."""
+
     def check() -> CheckResult:
         free = shutil.disk_usage(path).free
         detail = f"{free / MB:.0f} MB free in {path} (minimum {min_free_bytes / MB:.0f} MB)"

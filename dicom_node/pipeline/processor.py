@@ -4,16 +4,23 @@ Failure policy, so that one photo never stops the others and none is retried for
 
 * the photo itself is the problem (cannot be decoded, no routing destination, parsing or encoding
   raises): the job ends FAILED with the reason, at once. Retrying would fail the same way;
-* the machine is the problem (disk full or unwritable, out of memory): the job goes back to
-  RECEIVED with a delay, up to ``worker.max_attempts`` tries, then FAILED;
+* the machine is the problem (disk full or unwritable, out of memory, the job store full or
+  locked): the job goes back to RECEIVED with a delay, up to ``worker.max_attempts`` tries, then FAILED;
 * the job was taken away meanwhile (:class:`StaleJobError`): drop it quietly, its new owner has it.
+
+Handing a job back (to RECEIVED or FAILED) is itself a write to the job store, and the full disk
+that broke the job breaks that write too. It is retried, with pauses growing from 0.5 s to 30 s,
+until it lands or the worker is told to stop: a worker that gave up (or died) there would leave its
+job in PARSING or ENCODING, held by a live node, until the next restart.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -27,13 +34,20 @@ from dicom_node.logs import fields
 from dicom_node.parse.engine import HumanParser
 from dicom_node.pipeline.routing import Router, RoutingError
 from dicom_node.queue.job import Job, JobState, ResultKind, ResultObject
-from dicom_node.queue.store import JobStore, StaleJobError
+from dicom_node.queue.store import JobStore, JobStoreUnavailableError, StaleJobError
 from dicom_node.spool.base import Spool
 
 log = logging.getLogger(__name__)
 
 TRANSIENT_RETRY_DELAY_S = 30.0  # a full disk or memory shortage takes a while to go away
+HANDBACK_FIRST_PAUSE_S = 0.5  # first wait before writing a hand-back again
+HANDBACK_MAX_PAUSE_S = 30.0  # the pauses double up to this
 _REASON_MAX = 500  # job reasons stay one readable line
+
+# The machine's problems, not the photo's: a full or failing disk (OSError, ENOSPC among them),
+# memory, and a job store that cannot write now (full, locked: JobStoreUnavailableError, whatever
+# the engine). A job they interrupt is tried again; a hand-back they break is written again.
+MACHINE_ERRORS: tuple[type[BaseException], ...] = (OSError, MemoryError, JobStoreUnavailableError)
 
 
 class JobFailure(Exception):
@@ -49,12 +63,21 @@ def _short(text: str) -> str:
     return text if len(text) <= _REASON_MAX else text[: _REASON_MAX - 3] + "..."
 
 
+def pause_never_stopped(pause_s: float) -> bool:
+    """The default ``wait_or_stop``: sleep, and never be told to stop (tests, the CLI)."""
+    time.sleep(pause_s)
+    return False
+
+
 @dataclass(eq=False)
 class PhotoProcessor:
     """Runs jobs claimed by one worker (``owner``) with one loaded parser.
 
     ``limits``: what a photo may be to be decoded; ``labels``: how the results are labelled;
-    ``max_attempts``: tries of a job that fails for the machine's sake (disk, memory).
+    ``max_attempts``: tries of a job that fails for the machine's sake (disk, memory);
+    ``transient_retry_delay_s``: how long such a job waits before its next try;
+    ``wait_or_stop(pause_s)``: waits up to ``pause_s`` between tries of a hand-back and returns True
+    when the worker is told to stop (the worker's stop pipe).
     """
 
     store: JobStore
@@ -65,22 +88,56 @@ class PhotoProcessor:
     limits: DecodeLimits
     labels: EncodeOptions
     max_attempts: int
+    transient_retry_delay_s: float = TRANSIENT_RETRY_DELAY_S
+    wait_or_stop: Callable[[float], bool] = pause_never_stopped
 
     def run(self, job: Job) -> Job | None:
         """Process one claimed job to DISPATCHING, DONE or FAILED (or back to RECEIVED); never raises
-        for a problem with this job. Returns the job's new record (None when it was taken away)."""
+        for a problem with this job or with the machine. Returns the job's new record (None when it
+        was taken away, or when the worker was told to stop before its hand-back could be written:
+        the job then stays held until the node's recovery at its next start)."""
+        hand_back: Callable[[], Job | None]
         try:
             return self._run(job)
         except StaleJobError as exc:
             log.warning(fields(event="worker.stale_job", job=job.id, reason=str(exc)))
             return None
         except JobFailure as exc:
-            return self._fail(job, exc.reason)
-        except (OSError, MemoryError) as exc:
-            return self._transient(job, f"{type(exc).__name__}: {exc}")
+            hand_back = partial(self._fail, job, exc.reason)
+        except MACHINE_ERRORS as exc:
+            hand_back = partial(self._transient, job, f"{type(exc).__name__}: {exc}")
         except Exception as exc:  # a bug or an unforeseen input: this job fails, the worker goes on
             log.exception(fields(event="worker.job_error", job=job.id))
-            return self._fail(job, f"internal error: {type(exc).__name__}: {exc}")
+            hand_back = partial(self._fail, job, f"internal error: {type(exc).__name__}: {exc}")
+        return self._hand_back(job, hand_back)
+
+    def _hand_back(self, job: Job, write: Callable[[], Job | None]) -> Job | None:
+        """Write a job's hand-back until it lands: a machine error here (the disk still full, the
+        store locked) is waited out with growing pauses, logged as ERROR once and as INFO when it
+        lands. Gives up only when the worker is told to stop (returns None)."""
+        pause_s = HANDBACK_FIRST_PAUSE_S
+        failures = 0
+        started = time.monotonic()
+        while True:
+            try:
+                handed = write()
+            except MACHINE_ERRORS as exc:
+                failures += 1
+                if failures == 1:
+                    log.error(fields(event="worker.handback_failed", job=job.id,
+                                     reason=f"{type(exc).__name__}: {exc}",
+                                     retry="with growing pauses until it is written"))
+                if self.wait_or_stop(pause_s):
+                    log.warning(fields(event="worker.handback_abandoned", job=job.id, tries=failures,
+                                       reason="the worker is stopping; the node releases the job at its next start"))
+                    return None
+                pause_s = min(HANDBACK_MAX_PAUSE_S, pause_s * 2)
+                continue
+            if failures:
+                log.info(fields(event="worker.handed_back", job=job.id, tries=failures + 1,
+                                after_s=f"{time.monotonic() - started:.1f}",
+                                state=handed.state.value if handed is not None else None))
+            return handed
 
     def _fail(self, job: Job, reason: str) -> Job | None:
         try:
@@ -95,7 +152,7 @@ class PhotoProcessor:
                 return self.store.fail(job.id, _short(f"{reason}; gave up after {current.attempts} attempts"),
                                        owner=self.owner)
             return self.store.requeue(job.id, self.owner, _short(f"{reason}; will try again"),
-                                      not_before=time.time() + TRANSIENT_RETRY_DELAY_S)
+                                      not_before=time.time() + self.transient_retry_delay_s)
         except StaleJobError:
             return None
 

@@ -7,6 +7,16 @@
   ``worker.model_retry_interval_s`` (an administrator may fix the files without restarting the node).
 * Either way the node is marked not ready (see :mod:`dicom_node.monitor.health`) while processing is impossible;
   intake is not affected.
+
+No job stays held by a worker that is gone:
+
+* releasing a dead worker's jobs is a write to the job store, and whatever killed the worker (a
+  full disk, say) may break it too. A release that fails is kept and tried again on every monitor
+  tick until it lands (ERROR once per outage, INFO when it lands);
+* every ``worker.sweep_interval_s`` a sweep returns PARSING/ENCODING jobs held by this node's
+  workers that are no longer any live slot's current owner (only worker processes hold jobs in
+  those states), charged as a worker death. A live worker's job is never touched: it hands its
+  job back itself, retrying as long as it must (see :mod:`dicom_node.pipeline.processor`).
 """
 
 from __future__ import annotations
@@ -26,7 +36,8 @@ from dicom_node.monitor.health import Health
 from dicom_node.monitor.metrics import StageMetrics
 from dicom_node.pipeline.worker import EXIT_MODEL_UNAVAILABLE, MessageKind, WorkerMessage, WorkerSetup, worker_main
 from dicom_node.queue.doorbell import Doorbells, join_ringing
-from dicom_node.queue.owners import worker_owner
+from dicom_node.queue.job import PROCESSING_STATES, Job
+from dicom_node.queue.owners import node_owners, worker_owner
 from dicom_node.queue.store import JobStore
 
 log = logging.getLogger(__name__)
@@ -36,6 +47,7 @@ MONITOR_INTERVAL_S = 0.2
 STOP_GRACE_S = 10.0  # a worker finishing its photo gets this long before it is killed
 PROBLEM_MODEL = "model"
 PROBLEM_WORKERS = "workers"
+SWEEP_REASON = "the worker holding this job is gone (found by the sweep)"
 
 
 @dataclass
@@ -47,6 +59,15 @@ class _Slot:
     generation: int = 0
     next_start: float = 0.0
     deaths: deque[float] = field(default_factory=deque)
+
+
+@dataclass
+class _PendingRelease:
+    """A gone worker's jobs whose release could not be written yet."""
+
+    owner: str
+    reason: str
+    since: float  # time.monotonic() of the first failed try
 
 
 class WorkerPool:
@@ -69,6 +90,9 @@ class WorkerPool:
         self._lock = threading.Lock()
         self._slots = [_Slot(index=i) for i in range(setup.settings.count)]
         self._thread: threading.Thread | None = None
+        self._pending_releases: dict[str, _PendingRelease] = {}  # by owner; monitor thread only
+        self._release_outage = False  # a release failed and not all have landed since: ERROR logged
+        self._next_sweep = time.monotonic() + setup.settings.sweep_interval_s
 
     @property
     def pids(self) -> list[int]:
@@ -139,6 +163,10 @@ class WorkerPool:
                 now = time.monotonic()
                 for slot in self._slots:
                     self._check_slot(slot, now)
+                self._retry_releases()
+                if now >= self._next_sweep:
+                    self._next_sweep = now + self.settings.sweep_interval_s
+                    self._sweep()
                 self._update_readiness(now)
             except Exception:  # the supervisor must outlive its own bugs
                 log.exception(fields(event="worker_pool.error"))
@@ -187,16 +215,68 @@ class WorkerPool:
 
     def _record_death(self, slot: _Slot, code: int | None, now: float) -> None:
         reason = f"worker {slot.index} died (exit code {code})"
-        released = self.store.release_owner(slot.owner, reason, self.settings.max_attempts)
+        released = self._release(slot.owner, reason)
         slot.deaths.append(now)
         while slot.deaths and now - slot.deaths[0] > DEATH_WINDOW_S:
             slot.deaths.popleft()
         cfg = self.settings
         delay = min(cfg.max_restart_delay_s, cfg.restart_delay_s * 2 ** (len(slot.deaths) - 1))
         slot.next_start = now + delay
-        log.error(fields(event="worker.died", slot=slot.index, exit_code=code, released_jobs=len(released),
+        log.error(fields(event="worker.died", slot=slot.index, exit_code=code,
+                         released_jobs=len(released) if released is not None else "pending",
                          restart_in_s=f"{delay:.1f}"))
         self.health.set_worker(f"worker-{slot.index}", pid=None, state="restarting", last_exit_code=code)
+
+    # ------------------------------------------------------------------ releasing a gone worker's jobs
+
+    def _release(self, owner: str, reason: str) -> list[Job] | None:
+        """Release what ``owner`` (a gone worker) holds, charged as a worker death. None when the
+        job store refused the write: the release is then kept and retried on every monitor tick."""
+        try:
+            released = self.store.release_owner(owner, reason, self.settings.max_attempts)
+        except Exception as exc:  # disk full, store locked: its jobs must not stay held for good
+            self._pending_releases.setdefault(owner, _PendingRelease(owner, reason, time.monotonic()))
+            self._release_failed(exc)
+            return None
+        self._pending_releases.pop(owner, None)
+        return released
+
+    def _release_failed(self, exc: Exception) -> None:
+        if self._release_outage:
+            return  # logged once per outage, not every tick
+        self._release_outage = True
+        log.error(fields(event="worker.release_failed", reason=f"{type(exc).__name__}: {exc}",
+                         owners=len(self._pending_releases), retry="every monitor tick until it is written"))
+
+    def _retry_releases(self) -> None:
+        for pending in list(self._pending_releases.values()):
+            released = self._release(pending.owner, pending.reason)
+            if released is None:
+                return  # the store still refuses; next tick
+            log.info(fields(event="worker.jobs_released", owner=pending.owner, released_jobs=len(released),
+                            after_s=f"{time.monotonic() - pending.since:.1f}"))
+        self._release_outage = False
+
+    def _sweep(self) -> None:
+        """Release processing jobs held by this node's workers that are no longer a live slot's
+        current owner. A slot whose process is not yet reaped still counts as live: its death is
+        recorded (and its jobs released) by :meth:`_check_slot`."""
+        if self._stopping.is_set():
+            return
+        live = {slot.owner for slot in self._slots if slot.process is not None}
+        try:
+            held = self.store.held_jobs(node_owners(self.node_id), PROCESSING_STATES)
+        except Exception as exc:  # a read failing: the next sweep looks again
+            log.warning(fields(event="worker.sweep_failed", reason=f"{type(exc).__name__}: {exc}"))
+            return
+        gone = sorted({job.owner for job in held if job.owner is not None and job.owner not in live})
+        for owner in gone:
+            if owner in self._pending_releases:
+                continue  # already retried every tick
+            released = self._release(owner, SWEEP_REASON)
+            if released:
+                log.warning(fields(event="worker.sweep_released", owner=owner, released_jobs=len(released),
+                                   jobs=",".join(str(job.id) for job in released)))
 
     def _update_readiness(self, now: float) -> None:
         if not self._slots:

@@ -2,7 +2,9 @@
 
 A separate process, not a thread, because what can kill a worker (a decoder crashing on a hostile
 file, the kernel killing a process that ran out of memory on a huge photo) must not take intake
-down with it. The supervisor releases a dead worker's job and starts a new worker.
+down with it. The supervisor releases a dead worker's job and starts a new worker. A job store
+or disk that refuses writes does not end a worker: it waits out a failing claim, and the processor
+writes a job's hand-back again until it lands (or the worker is told to stop).
 
 The worker talks to the node through two one-way pipes and no shared lock: a lock held by a
 process that gets killed would hang whoever waits for it next. The *stop* pipe is never written:
@@ -16,6 +18,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from enum import StrEnum
 from multiprocessing.connection import Connection
@@ -112,21 +115,33 @@ def worker_main(setup: WorkerSetup, slot: int, owner: str, messages: Connection,
     detail = f"model {parser.model_digest[:16]}{' (UNTRAINED)' if parser.untrained else ''}"
     _send(messages, WorkerMessage(MessageKind.READY, slot, os.getpid(), detail))
 
+    def told_to_stop(pause_s: float) -> bool:
+        """Wait up to ``pause_s``; True as soon as the node closed the stop pipe or died."""
+        return stop.poll(pause_s) or os.getppid() != parent_pid
+
     store = open_job_store(setup.job_db_path)
     processor = PhotoProcessor(store, LocalSpool(setup.data_dir), parser, owner, setup.router, setup.limits,
-                               setup.labels, setup.settings.max_attempts)
+                               setup.labels, setup.settings.max_attempts, wait_or_stop=told_to_stop)
     poll_s = setup.settings.poll_interval_s
     idle = IdleWait(doorbells.photo_received, poll_s)
+    claim_failing_since: float | None = None  # an outage of the store is logged once, and its end
     log.info(fields(event="worker.started", slot=slot, pid=os.getpid(), owner=owner))
     try:
         # The stop pipe is readable only at EOF: the node closed its end, or died.
-        while os.getppid() == parent_pid and not stop.poll(0):
+        while not told_to_stop(0):
             try:
                 job = store.claim_for_processing(owner)
-            except Exception as exc:  # the store is busy or unreachable: wait, do not die
-                log.error(fields(event="worker.claim_failed", slot=slot, reason=f"{type(exc).__name__}: {exc}"))
+            except Exception as exc:  # the store is busy, full or unreachable: wait, do not die
+                if claim_failing_since is None:
+                    claim_failing_since = time.monotonic()
+                    log.error(fields(event="worker.claim_failed", slot=slot, reason=f"{type(exc).__name__}: {exc}",
+                                     retry=f"every {max(poll_s, 1.0):g} s"))
                 stop.poll(max(poll_s, 1.0))
                 continue
+            if claim_failing_since is not None:
+                log.info(fields(event="worker.claims_resumed", slot=slot,
+                                after_s=f"{time.monotonic() - claim_failing_since:.1f}"))
+                claim_failing_since = None
             if job is None:
                 idle.nothing_to_do()  # the pool rings the bell after closing the stop pipe, too
                 continue
