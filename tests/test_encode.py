@@ -10,6 +10,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from pydicom.dataelem import RawDataElement
 from pydicom.sr import _concepts_dict
 from pydicom.uid import JPEGBaseline8Bit
 
@@ -667,3 +668,296 @@ def test_seg_pixel_data_equals_stock_highdicom(rgb_photo):
         omit_empty_frames=False)
     assert ours.NumberOfFrames == stock.NumberOfFrames
     assert ours.PixelData == stock.PixelData
+
+
+# --------------------------------------------------------------------------------- what viewers draw
+
+
+def _shared_geometry(seg: pydicom.Dataset) -> tuple[list[float], float, float, list[float]]:
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    measures = shared.PixelMeasuresSequence[0]
+    orientation = shared.PlaneOrientationSequence[0].ImageOrientationPatient
+    return ([float(v) for v in measures.PixelSpacing], float(measures.SliceThickness),
+            float(measures.SpacingBetweenSlices), [float(v) for v in orientation])
+
+
+def _assert_same_segments(path: Path, photo: PhotoCase, result: ParsingResult) -> None:
+    """highdicom reads the SEG back with one segment per class, then per person, and their masks."""
+    seg = hd.seg.segread(path)
+    planned = plan_segments(result)
+    assert seg.get_segment_numbers() == [s.segment_number for s in planned]
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=[photo.dataset.SOPInstanceUID], combine_segments=False
+    )[0]
+    for segment in planned:
+        assert seg.get_segment_description(segment.segment_number).tracking_id == segment.tracking_id
+        np.testing.assert_array_equal(pixels[:, :, segment.segment_number - 1].astype(bool), segment.mask(result))
+
+
+@needs_dciodvfy
+def test_seg_shares_default_pixel_measures_and_plane_orientation(photo, tmp_path):
+    """No Pixel Spacing on the photo: 1\\1 mm (documented, not a calibration), orientation 1\\0\\0\\0\\1\\0."""
+    assert "PixelSpacing" not in photo.dataset
+    result = synthetic_parsing()
+    path = write_all(encode(photo, result), tmp_path)["seg"]
+    seg = pydicom.dcmread(path)
+    assert _shared_geometry(seg) == ([1.0, 1.0], 1.0, 1.0, [1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
+    assert "FrameOfReferenceUID" not in seg  # the photo has none: alignment is by the source image
+    assert "PerFrameFunctionalGroupsSequence" in seg
+    assert all("PlanePositionSequence" not in item for item in seg.PerFrameFunctionalGroupsSequence)
+    assert_dciodvfy_clean(path, photo)
+    _assert_same_segments(path, photo, result)
+
+
+@needs_dciodvfy
+def test_seg_pixel_measures_come_from_the_photos_pixel_spacing(tmp_path):
+    case = _photo_case("rgb", tmp_path)
+    case.dataset.PixelSpacing = [0.2, 0.25]  # row spacing \ column spacing, mm
+    result = synthetic_parsing()
+    path = write_all(encode(case, result), tmp_path)["seg"]
+    assert _shared_geometry(pydicom.dcmread(path)) == ([0.2, 0.25], 1.0, 1.0, [1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
+    assert_dciodvfy_clean(path, case)
+    _assert_same_segments(path, case, result)
+
+
+@pytest.mark.parametrize("spacing", [[0.0, 0.5], [0.5, -1.0], [0.5], [0.1, 0.2, 0.3], b"ab\\cd "])
+def test_seg_ignores_an_unusable_pixel_spacing(spacing, rgb_photo, caplog):
+    """A photo's Pixel Spacing that is not two positive numbers: the default, a WARNING, no crash."""
+    if isinstance(spacing, bytes):  # as read from a file: converted (and failing) only when used
+        tag = pydicom.tag.Tag("PixelSpacing")
+        rgb_photo.dataset._dict[tag] = RawDataElement(tag, "DS", len(spacing), spacing, 0, False, True)
+    else:
+        rgb_photo.dataset.PixelSpacing = spacing
+    rgb_photo.dataset.PatientName = "Secret^Patient"
+    with caplog.at_level("WARNING", logger="dicom_node.encode.seg"):
+        seg = build_segmentation(rgb_photo.dataset, synthetic_parsing())
+    assert _shared_geometry(seg)[0] == [1.0, 1.0]
+    (line,) = [r.getMessage() for r in caplog.records if "event=encode.pixel_spacing_ignored" in r.getMessage()]
+    assert f"sop_instance_uid={rgb_photo.dataset.SOPInstanceUID}" in line and "used=default" in line
+    assert "Secret" not in caplog.text
+
+
+LEFT_ARM = 14
+
+
+def two_piece_parsing(h: int = 140, w: int = 180) -> tuple[ParsingResult, list[np.ndarray]]:
+    """The left arm in two pieces (a disc, a notched ellipse) and a 3-pixel speck; one person."""
+    rows, columns = np.mgrid[:h, :w]
+    disc = (rows - 40) ** 2 + (columns - 50) ** 2 <= 22**2
+    ellipse = ((rows - 100) / 16.0) ** 2 + ((columns - 120) / 40.0) ** 2 <= 1.0
+    ellipse[94:104, 125:] = False  # a notch from the right: a concave piece, still one piece
+    label_map = np.zeros((h, w), dtype=np.uint8)
+    label_map[disc] = LEFT_ARM
+    label_map[ellipse] = LEFT_ARM
+    label_map[5, 5:8] = LEFT_ARM  # below the minimum piece area: no outline
+    label_map[60:80, 60:90] = 13  # a face between them, so the image has another class
+    person = np.zeros((h, w), dtype=bool)
+    person[10:130, 20:170] = True
+    return result_from_label_map(label_map, [person]), [disc, ellipse]
+
+
+def _boundary_pixel_centres(mask: np.ndarray) -> np.ndarray:
+    """Centres (column + 0.5, row + 0.5) of the pixels of mask's morphological gradient (3x3)."""
+    padded = np.pad(mask, 1)
+    shifts = [padded[1 + dr:padded.shape[0] - 1 + dr, 1 + dc:padded.shape[1] - 1 + dc]
+              for dr in (-1, 0, 1) for dc in (-1, 0, 1)]
+    gradient = np.logical_or.reduce(shifts) & ~np.logical_and.reduce(shifts)
+    r, c = np.nonzero(gradient)
+    return np.column_stack([c + 0.5, r + 0.5])
+
+
+def _shoelace(points: np.ndarray) -> float:
+    x, y = points[:, 0].astype(float), points[:, 1].astype(float)
+    return abs(float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1]))) / 2.0
+
+
+def _outline_groups(sr: hd.sr.ComprehensiveSR, label: str) -> list:
+    """A region's TID 1410 groups: its largest piece's (tracked as the region) first, then the others."""
+    planar = sr.content.get_planar_roi_measurement_groups()
+    largest = [g for g in planar if str(g.tracking_identifier) == label]
+    others = [g for g in planar if str(g.tracking_identifier).startswith(f"{label} outline")]
+    return largest + sorted(others, key=lambda g: str(g.tracking_identifier))
+
+
+def _ohif_drawable(sr: pydicom.Dataset) -> dict[str, bool]:
+    """Tracking UID -> whether OHIF 3.13's SR viewport can place that measurement on an image.
+
+    OHIF merges the Measurement Groups (125007) of Imaging Measurements by Tracking UID; a merged
+    measurement is drawn from a top-level SCOORD, or else from the SCOORDs its NUMs are INFERRED
+    FROM; one with neither has no coordinates and leaves the whole SR viewport black.
+    """
+    (container,) = [i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    drawable: dict[str, bool] = {}
+    for group in container.ContentSequence:
+        if group.ConceptNameCodeSequence[0].CodeValue != "125007":
+            continue
+        items = group.ContentSequence
+        (uid,) = [i.UID for i in items if i.ConceptNameCodeSequence[0].CodeValue == "112040"]
+        top = any(i.ValueType == "SCOORD" for i in items)
+        inferred = any(i.ValueType == "NUM" and any(c.ValueType == "SCOORD" and c.RelationshipType == "INFERRED FROM"
+                                                    for c in i.get("ContentSequence", []))
+                       for i in items)
+        drawable[str(uid)] = drawable.get(str(uid), False) or top or inferred
+    return drawable
+
+
+@needs_dciodvfy
+def test_sr_outlines_a_region_in_two_pieces(tmp_path):
+    result, pieces = two_piece_parsing()
+    case = PhotoCase("rgb", make_vl_photo(synthetic_rgb(*result.size_hw)), synthetic_rgb(*result.size_hw))
+    encoded = encode_results(case.dataset, case.rgb, result, overlay(case.rgb, result.label_map),
+                             EncodeOptions(content_datetime=FIXED_TIME))
+    paths = write_all(encoded, tmp_path)
+    assert_dciodvfy_clean(paths["sr"], case)
+    sr = hd.sr.srread(paths["sr"])
+    seg = pydicom.dcmread(paths["seg"])
+    h, w = result.size_hw
+
+    groups = _outline_groups(sr, "Left arm")
+    assert [str(g.tracking_identifier) for g in groups] == ["Left arm", "Left arm outline 2 of 2"]
+    region = result.label_map == LEFT_ARM
+    boundary = _boundary_pixel_centres(region)
+    expected_pixels = sorted((int(p.sum()) for p in pieces), reverse=True)  # largest piece first
+    for group, pixels in zip(groups, expected_pixels, strict=True):
+        scoord = group.roi
+        assert scoord.GraphicType == "POLYLINE" and scoord.RelationshipType == "CONTAINS"
+        assert scoord.ConceptNameCodeSequence[0].CodeValue == "111030"  # Image Region (TID 1410)
+        (source,) = scoord.ContentSequence
+        assert source.RelationshipType == "SELECTED FROM"
+        assert source.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == case.dataset.SOPInstanceUID
+        points = np.asarray(scoord.GraphicData, dtype=float).reshape(-1, 2)  # column\row pairs
+        np.testing.assert_array_equal(points[0], points[-1])  # closed (C.18.6.1.2)
+        assert len(points) >= 4
+        assert points[:, 0].min() >= 0 and points[:, 0].max() <= w
+        assert points[:, 1].min() >= 0 and points[:, 1].max() <= h
+        # every vertex lies on the region's edge: within a pixel of a boundary pixel's centre
+        distances = np.sqrt(((points[:, np.newaxis, :] - boundary[np.newaxis, :, :]) ** 2).sum(axis=2)).min(axis=1)
+        assert distances.max() <= 1.0, distances.max()
+        # the outline encloses the piece: its area is the piece's pixel count within 2 %
+        assert _shoelace(points) == pytest.approx(pixels, rel=0.02)
+        (area,) = group.get_measurements()
+        assert area.name == codetable.AREA and area.value == pixels and area.unit.value == "{pixels}"
+        assert group.finding_type == codetable.class_coding(LEFT_ARM).finding_type
+        assert [site.laterality.value for site in group.finding_sites] == ["7771000"]  # Left
+
+    # The largest piece's outline group is tracked as the region: the segment's Tracking UID, shared
+    # with the TID 1411 group (OHIF merges the two and draws that outline); every other piece has a
+    # UID of its own (a merged measurement is drawn from its first outline only).
+    outline_uids = [str(g.tracking_uid) for g in sr.content.get_planar_roi_measurement_groups()]
+    segment_uids = {str(item.TrackingUID) for item in seg.SegmentSequence}
+    assert len(set(outline_uids)) == len(outline_uids)
+    assert str(groups[0].tracking_uid) in segment_uids and str(groups[1].tracking_uid) not in segment_uids
+    assert set(outline_uids) & segment_uids == segment_uids  # every segment's region has its outline
+    # so every measurement OHIF builds from the SR has coordinates on the photo
+    drawable = _ohif_drawable(pydicom.dcmread(paths["sr"]))
+    assert all(drawable.values()), [uid for uid, ok in drawable.items() if not ok]
+    # the image-level group's person count is INFERRED FROM the whole photo (TID 300 / TID 320)
+    (image_group,) = [g for g in sr.content.get_image_measurement_groups()
+                      if str(g.tracking_identifier) == "Persons in image"]
+    (count,) = [m for m in image_group.get_measurements() if m.name == codetable.PERSON_COUNT]
+    (whole,) = count.referenced_coordinates
+    assert whole.RelationshipType == "INFERRED FROM" and whole.GraphicType == "POLYLINE"
+    np.testing.assert_array_equal(np.asarray(whole.GraphicData).reshape(-1, 2),
+                                  [[0, 0], [0, h], [w, h], [w, 0], [0, 0]])
+    assert whole.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == \
+        case.dataset.SOPInstanceUID
+    # the TID 1411 group referencing the SEG segment is still there, with the whole region's area
+    (volumetric,) = sr.content.get_volumetric_roi_measurement_groups(tracking_uid=hd.UID(
+        next(str(i.TrackingUID) for i in seg.SegmentSequence if i.TrackingID == "Left arm")))
+    values = {m.name.value: m.value for m in volumetric.get_measurements()}
+    assert values[codetable.AREA.value] == int(region.sum()) == sum(expected_pixels) + 3
+    # the person and the face have one outline each, in one piece
+    assert [str(g.tracking_identifier) for g in _outline_groups(sr, "Person 1")] == ["Person 1"]
+    (face,) = _outline_groups(sr, "Face")
+    np.testing.assert_array_equal(np.asarray(face.roi.GraphicData).reshape(-1, 2),
+                                  [[60, 60], [60, 80], [90, 80], [90, 60], [60, 60]])
+
+
+def noisy_region(h: int = 600, w: int = 800, seed: int = 7) -> np.ndarray:
+    """A large disc with a ragged, noisy edge: specks outside, holes inside, thousands of corners."""
+    rng = np.random.default_rng(seed)
+    rows, columns = np.mgrid[:h, :w]
+    distance = np.sqrt((rows - h / 2) ** 2 + (columns - w / 2) ** 2)
+    return distance < 250 + 8 * rng.standard_normal((h, w))
+
+
+def test_outline_point_count_is_bounded_for_a_large_noisy_region():
+    from dicom_node.encode.outlines import MAX_OUTLINE_POINTS, MAX_PIECES, MIN_PIECE_AREA_PX, trace_outlines
+
+    mask = noisy_region()
+    outlines = trace_outlines(mask)
+    assert 1 <= len(outlines) <= MAX_PIECES
+    assert all(o.pixels >= MIN_PIECE_AREA_PX for o in outlines)
+    assert [o.pixels for o in outlines] == sorted((o.pixels for o in outlines), reverse=True)
+    unbounded = trace_outlines(mask, max_points=10**6)[0]
+    assert len(unbounded.points) > 5 * MAX_OUTLINE_POINTS  # the bound really had work to do
+    boundary = _boundary_pixel_centres(mask)
+    for outline in outlines:
+        assert 4 <= len(outline.points) <= MAX_OUTLINE_POINTS
+        np.testing.assert_array_equal(outline.points[0], outline.points[-1])
+        # simplification keeps vertices of the traced edge: each within a pixel of the boundary
+        sample = outline.points[:: max(1, len(outline.points) // 50)]
+        nearest = np.sqrt(((sample[:, np.newaxis, :] - boundary[np.newaxis, :, :]) ** 2).sum(axis=2)).min(axis=1)
+        assert nearest.max() <= 1.0
+    # the simplified outline of the big piece still encloses about the same area (holes included)
+    assert outlines[0].enclosed_area_px == pytest.approx(unbounded.enclosed_area_px, rel=0.03)
+
+
+@pytest.mark.parametrize(
+    ("mask_rows", "expected"),
+    [
+        (["#"], [[0, 0], [0, 1], [1, 1], [1, 0], [0, 0]]),  # one pixel: its four corners
+        (["##", "#."], [[0, 0], [0, 2], [1, 2], [1, 1.5], [1.5, 1], [2, 1], [2, 0], [0, 0]]),  # inward corner cut
+    ],
+)
+def test_outline_runs_along_pixel_edges_in_image_coordinates(mask_rows, expected):
+    from dicom_node.encode.outlines import trace_outlines
+
+    mask = np.zeros((6, 7), dtype=bool)
+    for r, line in enumerate(mask_rows):
+        for c, char in enumerate(line):
+            mask[2 + r, 3 + c] = char == "#"
+    (outline,) = trace_outlines(mask, min_area_px=1)
+    np.testing.assert_array_equal(outline.points, np.asarray(expected, dtype=np.float32) + [3, 2])
+    assert outline.points.dtype == np.float32
+
+
+def test_a_piece_in_a_hole_counts_with_the_piece_around_it():
+    from dicom_node.encode.outlines import trace_outlines
+
+    mask = np.zeros((40, 40), dtype=bool)
+    mask[5:35, 5:35] = True
+    mask[10:30, 10:30] = False  # a hole ...
+    mask[15:25, 15:25] = True  # ... with a piece of the same region in it
+    (outline,) = trace_outlines(mask)
+    assert outline.pixels == int(mask.sum()) == 30 * 30 - 20 * 20 + 10 * 10
+    assert outline.enclosed_area_px == 30 * 30  # the outer edge only: holes are not outlined
+
+
+def test_outline_refuses_what_is_not_a_region():
+    from dicom_node.encode.outlines import trace_outlines
+
+    assert trace_outlines(np.zeros((8, 8), dtype=bool)) == []
+    with pytest.raises(ValueError, match="2-D"):
+        trace_outlines(np.zeros((2, 8, 8), dtype=bool))
+    with pytest.raises(ValueError, match="at least 4 points"):
+        trace_outlines(np.ones((8, 8), dtype=bool), max_points=3)
+
+
+@needs_dciodvfy
+def test_sr_with_a_noisy_region_stays_bounded_and_valid(tmp_path):
+    from dicom_node.encode.outlines import MAX_OUTLINE_POINTS, MAX_PIECES
+
+    region = noisy_region(300, 400, seed=3)
+    label_map = np.where(region, np.uint8(5), np.uint8(0))  # upper clothes
+    result = result_from_label_map(label_map, [region])
+    case = PhotoCase("rgb", make_vl_photo(synthetic_rgb(300, 400)), synthetic_rgb(300, 400))
+    encoded = encode_results(case.dataset, case.rgb, result, overlay(case.rgb, label_map),
+                             EncodeOptions(content_datetime=FIXED_TIME))
+    path = write_all(encoded, tmp_path)["sr"]
+    assert_dciodvfy_clean(path, case)
+    sr = hd.sr.srread(path)
+    clothes = _outline_groups(sr, "Upper clothes")
+    assert 1 <= len(clothes) <= MAX_PIECES
+    for group in sr.content.get_planar_roi_measurement_groups():
+        assert 4 <= len(group.roi.GraphicData) // 2 <= MAX_OUTLINE_POINTS

@@ -332,6 +332,20 @@ def test_photo_form_to_valid_seg_sc_sr(form: PixelForm, parse, tmp_path: Path):
         assert values[codetable.AREA.value] == person.pixels == int(seg_masks[tid].sum())
         assert values[codetable.AREA_PERCENT_OF_IMAGE.value] == pytest.approx(100 * person.image_fraction)
 
+    # What OHIF needs to draw them: the SEG's shared Pixel Measures and Plane Orientation; in the
+    # SR, closed POLYLINE outlines on the photo, within its pixel matrix (C.10.5.1.2).
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    assert [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing] == [1.0, 1.0]
+    assert "SpacingBetweenSlices" in shared.PixelMeasuresSequence[0]
+    assert [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
+    outlines = report.get_planar_roi_measurement_groups()
+    assert outlines, "no region outline in the SR"
+    for group in outlines:
+        points = np.asarray(group.roi.GraphicData, dtype=float).reshape(-1, 2)
+        assert group.roi.GraphicType == "POLYLINE" and tuple(points[0]) == tuple(points[-1])
+        assert points.min() >= 0 and points[:, 0].max() <= columns and points[:, 1].max() <= rows
+        assert group.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == photo_uid
+
     # SC: the overlay exactly as rendered, at the photo's size.
     np.testing.assert_array_equal(sc.pixel_array, run.overlay)
 

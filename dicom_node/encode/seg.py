@@ -11,10 +11,19 @@ Form, chosen for what viewers can load (see the project's interop notes):
   run 1..N without gaps (C.8.20.2.1: BINARY segment numbers start at 1 and increase by 1).
 - Every segment carries a Tracking ID and Tracking UID (C.8.20.2); the SR reuses them, which
   is how a measurement group and its segment are known to be the same region (TID 4108).
+- Shared Functional Groups carry Pixel Measures (C.7.6.16.2.1) and Plane Orientation (Patient)
+  (C.7.6.16.2.4). Without a Frame of Reference the SEG IOD does not require them (A.51.5.1:
+  the pixels correspond to the source image's through the Derivation Image Functional Group)
+  but allows them, and OHIF draws a SEG only when both are there (it reads Pixel Spacing,
+  Spacing Between Slices and Image Orientation (Patient) from the shared groups). Pixel
+  Spacing is the photo's own when it has a usable one, else :data:`DEFAULT_PIXEL_SPACING_MM`,
+  which is a convention for viewers, not a calibration (docs/conformance-notes.md).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -38,10 +47,24 @@ from dicom_node.encode.common import (
     set_lossy_compression,
 )
 from dicom_node.encode.options import EncodeOptions
+from dicom_node.logs import fields
 from dicom_node.parse.classes import HUMAN, class_color
 from dicom_node.parse.result import ParsingResult
 
+log = logging.getLogger(__name__)
+
 SEGMENTATION_CONTENT_LABEL = "M2FP_PARSING"  # Content Label (CS, 16 characters)
+
+# Pixel Measures of a SEG whose photo states no Pixel Spacing: one pixel is called 1 mm x 1 mm
+# (row spacing, column spacing) so that viewers have a grid to draw on. Not a calibration.
+DEFAULT_PIXEL_SPACING_MM: tuple[float, float] = (1.0, 1.0)
+# A photo has no slices: Slice Thickness (Type 1 in Pixel Measures when the macro is present for
+# a SEG with a single plane) and Spacing Between Slices (which OHIF reads) are a nominal 1 mm.
+NOMINAL_SLICE_THICKNESS_MM = 1.0
+# Image Orientation (Patient) of the photo's own pixel grid: rows along +x, columns along +y
+# (C.7.6.2.1.1). Without a Frame of Reference it places nothing in the patient; it tells a viewer
+# that the SEG's frame lies on the photo as it is, neither flipped nor rotated.
+PHOTO_PLANE_ORIENTATION: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
 
 @dataclass(frozen=True)
@@ -100,6 +123,43 @@ class _BinarySegmentation(hd.seg.Segmentation):
                 and (planes.dtype == np.bool_ or not planes.size or int(planes.max()) <= 1)):
             return np.packbits(planes.ravel(), bitorder="little").tobytes()
         return super()._encode_pixels_native(planes)
+
+
+def photo_pixel_spacing(photo_ds: Dataset) -> tuple[float, float] | None:
+    """The photo's Pixel Spacing (0028,0030) in mm (row spacing, column spacing), or None.
+
+    Only Pixel Spacing is taken: it is the one attribute that states a distance on the imaged
+    body (PS3.3 10.7.1, possibly calibrated to an object in the picture). Imager Pixel Spacing
+    (at a radiographic detector) and Nominal Scanned Pixel Spacing (on a digitised film) measure
+    something else and are not used. A value that is not two positive finite numbers is
+    ignored with a WARNING line, and the default spacing applies.
+    """
+    if "PixelSpacing" not in photo_ds:
+        return None
+    try:
+        value = photo_ds["PixelSpacing"].value  # a raw value is converted here, and may fail
+        if value in (None, ""):
+            return None
+        values = [float(v) for v in value]
+    except (TypeError, ValueError, OverflowError) as exc:  # one value (not iterable), not a number
+        reason = f"not a pair of numbers ({type(exc).__name__})"
+    else:
+        if len(values) == 2 and all(math.isfinite(v) and v > 0 for v in values):
+            return values[0], values[1]
+        reason = f"{len(values)} values" if len(values) != 2 else "not two positive finite numbers"
+    log.warning(fields(event="encode.pixel_spacing_ignored", sop_instance_uid=photo_ds.get("SOPInstanceUID"),
+                       reason=reason, used="default"))
+    return None
+
+
+def pixel_measures(photo_ds: Dataset) -> hd.PixelMeasuresSequence:
+    """Pixel Measures (C.7.6.16.2.1) for the SEG of ``photo_ds``: its Pixel Spacing or the default."""
+    spacing = photo_pixel_spacing(photo_ds) or DEFAULT_PIXEL_SPACING_MM
+    return hd.PixelMeasuresSequence(
+        pixel_spacing=list(spacing),
+        slice_thickness=NOMINAL_SLICE_THICKNESS_MM,
+        spacing_between_slices=NOMINAL_SLICE_THICKNESS_MM,
+    )
 
 
 def segments_overlap(masks: np.ndarray) -> hd.seg.SegmentsOverlapValues:
@@ -188,9 +248,14 @@ def build_segmentation(
         stack[i] = segment.mask(result)
     pixel_array = np.moveaxis(stack, 0, -1)[np.newaxis]
 
+    # The Pixel Measures are given below; highdicom would also read the photo's Pixel Spacing
+    # on its own, and fails on a malformed one (one value, a text), so its copy goes without.
+    source = photo_reference(photo_ds)
+    if "PixelSpacing" in source:
+        del source.PixelSpacing
     when = content_datetime(options)
     seg = _BinarySegmentation(
-        source_images=[photo_reference(photo_ds)],
+        source_images=[source],
         pixel_array=pixel_array,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[segment_description(s, result) for s in planned],
@@ -207,6 +272,13 @@ def build_segmentation(
         coding_schemes=[codetable.coding_scheme_identification()],
         content_date=when.date(),
         content_time=when.time(),
+        pixel_measures=pixel_measures(photo_ds),
+    )
+    # highdicom refuses plane_orientation for a source without a Frame of Reference (it wants
+    # the SEG aligned through the source image alone), though the SEG IOD allows the macro then
+    # (A.51.5.1) and OHIF needs it to draw the SEG: added to the shared groups after construction.
+    seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence = hd.PlaneOrientationSequence(
+        coordinate_system=hd.CoordinateSystemNames.PATIENT, image_orientation=PHOTO_PLANE_ORIENTATION
     )
     copy_patient_study(photo_ds, seg)
     copy_body_context(photo_ds, seg)

@@ -6,19 +6,46 @@ Content tree:
 - Procedure reported: Imaging procedure (CID 100).
 - Imaging Measurements:
   - one image-level group (TID 1501) for the people in the photo: person count, their area in
-    pixels and as percent of the image;
+    pixels and as percent of the image; the count is INFERRED FROM (TID 300 / TID 320) a closed
+    POLYLINE along the whole photo's border, SELECTED FROM the photo: it was counted on all of it;
   - one group per part class present (TID 1411 Volumetric ROI Measurements, region given by a
     Referenced Segment of our SEG with the photo as Source Image For Segmentation): area in
     pixels, percent of the image, percent of the persons' area, and with a lesion mask the
     lesion area and its percent of the region;
   - one group per person (TID 1411 referencing the person's segment, or TID 1501 on the photo
-    when the SEG has no person segments): area in pixels and percent of the image.
-  Every group carries the algorithm (TID 4019) and the SEG segment's Tracking ID/UID (TID 4108).
+    when the SEG has no person segments): area in pixels and percent of the image;
+  - after each part-class or person group, one outline group per piece of that region (TID
+    1410 Planar ROI Measurements, region given by an Image Region SCOORD POLYLINE on the photo,
+    see :mod:`dicom_node.encode.outlines`): the piece's area in pixels, and the same finding
+    type, category and site as the region's group. A region made only of specks is outlined by
+    its largest speck, so every region has at least one outline group.
+  Every group carries the algorithm (TID 4019) and a Tracking ID/UID (TID 4108): a region's
+  group and its largest piece's outline group have the region's (for a TID 1411 group, its SEG
+  segment's); every other piece's outline group has its own.
 
 Why TID 1411 and not TID 1410 (Planar ROI) with Referenced Segmentation Frame: highdicom's
 TID 1410 builder puts the SEG frame number on the photo reference, which dciodvfy reports as an
 error; TID 1411 with a Referenced Segment validates clean (see the project's interop notes).
-Numbers come from ``dicom_node.parse.statistics`` only; nothing here counts pixels.
+
+Why outlines come in groups of their own: TID 1410 and TID 1411 each take one way of giving the
+region (Image Region XOR Referenced Segment; highdicom enforces it) and TID 1410 allows a single
+Image Region, so a region in pieces takes one TID 1410 group per piece, and the TID 1411
+groups that reference the SEG stay as they are. A TID 1411 measurement cannot carry the outline
+either: its NUMs follow TID 1419, which has no INFERRED FROM row (highdicom refuses referenced
+coordinates there); TID 1501's follow TID 300, which has one.
+
+Why the Tracking UIDs are shared that way: OHIF's SR viewport (@ohif/extension-cornerstone-dicom-sr
+3.13) merges the Measurement Groups that share a Tracking UID into one measurement, whose
+coordinates are the first top-level SCOORD, or else the SCOORDs its NUMs are INFERRED FROM. A
+measurement without coordinates stops it placing any measurement (it reads ``coords[0]``), and
+the viewport stays black. So each region group is merged, through its Tracking UID, with the
+outline group of its largest piece (the same finding, outlined where it is largest; TID 4108),
+and the image-level group's count carries its own coordinates. The other pieces keep UIDs of
+their own, as a merged measurement is drawn from its first outline only. Each SCOORD is SELECTED
+FROM the photo (its SOP instance), closed (first point repeated last, PS3.3 C.18.6.1.2), in
+image-relative pixel coordinates (C.10.5.1.2).
+
+Numbers come from ``dicom_node.parse.statistics`` (regions) and ``outlines`` (pieces) only.
 """
 
 from __future__ import annotations
@@ -26,6 +53,7 @@ from __future__ import annotations
 from typing import TypedDict
 
 import highdicom as hd
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
@@ -44,12 +72,22 @@ from dicom_node.encode.common import (
     sr_algorithm_identification,
 )
 from dicom_node.encode.options import EncodeOptions
+from dicom_node.encode.outlines import Outline, trace_outlines
 from dicom_node.encode.seg import PlannedSegment, plan_segments, segment_numbers, segment_tracking_uids
 from dicom_node.parse.classes import HUMAN
 from dicom_node.parse.result import ParsingResult
 from dicom_node.parse.statistics import LesionRegionStats, ParsingStatistics, RegionStats
 
 IMAGE_TRACKING_ID = "Persons in image"
+
+
+class _FindingContent(TypedDict):
+    """What a region's groups (its TID 1411 group and its outline groups) say about the finding."""
+
+    finding_category: Code
+    finding_type: Code
+    finding_sites: list[hd.sr.FindingSite] | None
+    algorithm_id: hd.sr.AlgorithmIdentification
 
 
 class _PersonGroupContent(TypedDict):
@@ -61,14 +99,87 @@ class _PersonGroupContent(TypedDict):
     measurements: list[hd.sr.Measurement]
 
 
-def _measurement(name, value: float, unit) -> hd.sr.Measurement:
+def _measurement(name, value: float, unit, inferred_from: hd.sr.CoordinatesForMeasurement | None = None
+                 ) -> hd.sr.Measurement:
+    # ``inferred_from``: TID 300 row "INFERRED FROM" (TID 320), allowed in TID 1501, not in TID 1419.
     # TID 300; the algorithm (TID 4019) is named once per group, not per measurement.
-    return hd.sr.Measurement(name=name, value=value, unit=unit)
+    return hd.sr.Measurement(
+        name=name, value=value, unit=unit,
+        referenced_coordinates=[inferred_from] if inferred_from is not None else None,
+    )
 
 
 def _percent(fraction: float) -> float:
     # A float is written as DS and, exactly, as Floating Point Value (C.18.1.1).
     return 100.0 * float(fraction)
+
+
+def outline_tracking_id(label: str, piece: int, pieces: int) -> str:
+    """Tracking Identifier of an outline group: "Face outline", or "Face outline 2 of 3"."""
+    return f"{label} outline" if pieces == 1 else f"{label} outline {piece} of {pieces}"
+
+
+def region_outlines(mask: np.ndarray) -> list[Outline]:
+    """``trace_outlines(mask)``; a region made of specks only gets its largest speck's outline.
+
+    Every region group needs an outline group to share its Tracking UID with (see the module
+    docstring), so a non-empty region always has at least one outline.
+    """
+    outlines = trace_outlines(mask)
+    return outlines or trace_outlines(mask, min_area_px=1, min_share=0.0, max_pieces=1)
+
+
+def outline_groups(
+    photo_ds: Dataset,
+    label: str,
+    mask: np.ndarray,
+    finding: _FindingContent,
+    options: EncodeOptions,
+    region_tracking: hd.sr.TrackingIdentifier,
+) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+    """One TID 1410 group per piece of the region ``mask`` (see the module docstring).
+
+    The largest piece's group is tracked as the region (``region_tracking``, the Tracking
+    Identifier and UID of the region's own group); every other piece has a UID of its own.
+    The SCOORD is highdicom's Image Region (111030, DCM): a CONTAINS SCOORD whose SELECTED FROM
+    item references the photo by SOP Class and Instance UID (TID 1410 row "Image Region").
+    """
+    outlines = region_outlines(mask)
+    source = hd.sr.SourceImageForRegion(photo_ds.SOPClassUID, photo_ds.SOPInstanceUID)
+    return [
+        hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=region_tracking if piece == 1 else hd.sr.TrackingIdentifier(
+                uid=new_uid(options), identifier=outline_tracking_id(label, piece, len(outlines))
+            ),
+            referenced_region=hd.sr.ImageRegion(
+                graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+                graphic_data=outline.points,
+                source_image=source,
+            ),
+            measurements=[_measurement(codetable.AREA, outline.pixels, codetable.PIXELS)],
+            **finding,
+        )
+        for piece, outline in enumerate(outlines, start=1)
+    ]
+
+
+def whole_image(photo_ds: Dataset) -> hd.sr.CoordinatesForMeasurement:
+    """The photo's border, a closed POLYLINE SELECTED FROM the photo, as TID 320 coordinates.
+
+    C.10.5.1.2: 0\\0 is the top-left corner of the top-left pixel, Columns\\Rows the
+    bottom-right corner of the bottom-right one.
+    """
+    return hd.sr.CoordinatesForMeasurement(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=whole_image_outline(photo_ds),
+        source_image=hd.sr.SourceImageForRegion(photo_ds.SOPClassUID, photo_ds.SOPInstanceUID),
+    )
+
+
+def whole_image_outline(photo_ds: Dataset) -> np.ndarray:
+    """The photo's border as a closed POLYLINE (C.10.5.1.2: 0\\0 is the top-left pixel's corner)."""
+    rows, columns = float(photo_ds.Rows), float(photo_ds.Columns)
+    return np.array([[0, 0], [0, rows], [columns, rows], [columns, 0], [0, 0]], dtype=np.float32)
 
 
 def observation_context(options: EncodeOptions) -> hd.sr.ObservationContext:
@@ -172,7 +283,8 @@ def build_measurement_report(
             finding_type=codetable.PERSONS_IN_IMAGE,
             algorithm_id=algorithm,
             measurements=[
-                _measurement(codetable.PERSON_COUNT, statistics.person_count, codetable.NO_UNITS),
+                _measurement(codetable.PERSON_COUNT, statistics.person_count, codetable.NO_UNITS,
+                             whole_image(photo_ds)),
                 _measurement(codetable.AREA, statistics.person_pixels, codetable.PIXELS),
                 _measurement(codetable.AREA_PERCENT_OF_IMAGE,
                              _percent(statistics.person_pixels / statistics.image_pixels),
@@ -189,20 +301,25 @@ def build_measurement_report(
         segment = references.find(region.class_index) if references is not None else None
         if references is None or segment is None:
             raise ValueError(f"class {region.class_index} ({region.label}) has statistics but no SEG segment")
+        finding = _FindingContent(
+            finding_category=coding.category,
+            finding_type=coding.finding_type,
+            finding_sites=(
+                [hd.sr.FindingSite(coding.property_type, laterality=coding.laterality)]
+                if coding.is_anatomy else None
+            ),
+            algorithm_id=algorithm,
+        )
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=references.tracking_identifier(segment),
                 referenced_segment=references.referenced_segment(segment),
-                finding_category=coding.category,
-                finding_type=coding.finding_type,
-                finding_sites=(
-                    [hd.sr.FindingSite(coding.property_type, laterality=coding.laterality)]
-                    if coding.is_anatomy else None
-                ),
-                algorithm_id=algorithm,
                 measurements=_region_measurements(region, lesion_by_class.get(region.class_index)),
+                **finding,
             )
         )
+        groups += outline_groups(photo_ds, coding.label, segment.mask(result), finding, options,
+                                 region_tracking=references.tracking_identifier(segment))
 
     person_coding = codetable.class_coding(HUMAN)
     for person in statistics.persons:
@@ -218,25 +335,36 @@ def build_measurement_report(
         )
         segment = references.find(HUMAN, person.person_index) if references is not None else None
         if references is not None and segment is not None:
+            person_tracking = references.tracking_identifier(segment)
             groups.append(
                 hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                    tracking_identifier=references.tracking_identifier(segment),
+                    tracking_identifier=person_tracking,
                     referenced_segment=references.referenced_segment(segment),
                     **common,
                 )
             )
         else:  # persons not segmented: the group stands on the photo (TID 1501)
+            person_tracking = hd.sr.TrackingIdentifier(
+                uid=new_uid(options), identifier=f"Person {person.person_index + 1}"
+            )
             groups.append(
                 hd.sr.MeasurementsAndQualitativeEvaluations(
-                    tracking_identifier=hd.sr.TrackingIdentifier(
-                        uid=new_uid(options), identifier=f"Person {person.person_index + 1}"
-                    ),
+                    tracking_identifier=person_tracking,
                     source_images=[
                         hd.sr.SourceImageForMeasurementGroup(photo_ds.SOPClassUID, photo_ds.SOPInstanceUID)
                     ],
                     **common,
                 )
             )
+        person_finding = _FindingContent(
+            finding_category=person_coding.category,
+            finding_type=person_coding.finding_type,
+            finding_sites=None,
+            algorithm_id=algorithm,
+        )
+        person_mask = np.asarray(result.persons[person.person_index].mask, dtype=bool)
+        groups += outline_groups(photo_ds, f"Person {person.person_index + 1}", person_mask, person_finding,
+                                 options, region_tracking=person_tracking)
 
     report = hd.sr.MeasurementReport(
         observation_context=observation_context(options),
