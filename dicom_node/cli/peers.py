@@ -1,5 +1,6 @@
 """``dicom-node echo`` and ``dicom-node send``: C-ECHO a peer, C-STORE files to one (a small SCU
-for demos, tests and checking a destination before the first photo)."""
+for demos, tests and checking a destination before the first photo). ``echo`` of a DICOMweb
+destination asks its root a QIDO-RS question instead (DICOMweb has no echo)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import time
 from pathlib import Path
 
 from dicom_node.cli.common import load_or_explain
+from dicom_node.config import Destination
+from dicom_node.dispatch import stow
+from dicom_node.dispatch.dispatcher import dimse_peer
 from dicom_node.dispatch.scu import AssociationError, Peer, PeerLike, echo, store_files
 from dicom_node.net import status
 
@@ -26,7 +30,10 @@ def run_echo(args: argparse.Namespace) -> int:
         return 2
     peer: PeerLike
     try:
-        peer = config.peers.destination(args.destination)
+        destination = config.peers.destination(args.destination)
+        if destination.is_dicomweb:
+            return _echo_dicomweb(destination, args.timeout)
+        peer = dimse_peer(destination)
         label = f"{args.destination} ({peer.ae_title}@{peer.host}:{peer.port})"
     except KeyError:
         try:
@@ -45,6 +52,26 @@ def run_echo(args: argparse.Namespace) -> int:
         return 1
     print(f"C-ECHO to {label}: {status.describe(code)} in {time.perf_counter() - started:.3f} s")
     return 0 if status.is_success(code) else 1
+
+
+def _echo_dicomweb(destination: Destination, timeout_s: float) -> int:
+    """QIDO-RS ``GET {url}/studies?limit=1``: 200 (or 204, nothing found) means the root answers and
+    takes the node's credentials and certificate checks; anything else is reported with its reason."""
+    label = f"{destination.name} ({destination.url})"
+    for warning in stow.start_warnings(destination):
+        print(f"warning: {destination.name}: {warning}", file=sys.stderr)
+    started = time.perf_counter()
+    try:
+        answer = stow.echo(destination, timeout_s=timeout_s)
+    except stow.StowError as exc:
+        print(f"DICOMweb echo (QIDO-RS) to {label} failed: {exc}", file=sys.stderr)
+        return 1
+    elapsed = time.perf_counter() - started
+    if answer.reachable:
+        print(f"DICOMweb echo (QIDO-RS) to {label}: {answer.describe()} in {elapsed:.3f} s")
+        return 0
+    print(f"DICOMweb echo (QIDO-RS) to {label} failed: {answer.describe()}", file=sys.stderr)
+    return 1
 
 
 def run_send(args: argparse.Namespace) -> int:

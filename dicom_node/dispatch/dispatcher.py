@@ -8,6 +8,12 @@ acknowledgement was lost stores it once. A job gives up only when it has used bo
 ``dispatch.max_attempts`` attempts and ``dispatch.give_up_after_h`` hours since its results were
 ready (24 h by default: a PACS down for a maintenance window or a weekend's network change gets its
 results afterwards); it then waits in FAILED until a person runs ``dicom-node jobs retry``.
+
+A destination is reached by C-STORE (:mod:`dicom_node.dispatch.scu`) or, with ``kind = "dicomweb"``,
+by STOW-RS (:mod:`dicom_node.dispatch.stow`), under the same schedule and the same delivery
+records. One difference: a DICOMweb server that refuses the request itself with a 4xx (wrong
+credentials, wrong URL) fails the job at once with its reason, since no retry can succeed before
+someone changes the configuration; ``dicom-node jobs retry`` sends what is missing afterwards.
 """
 
 from __future__ import annotations
@@ -17,8 +23,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from dicom_node.config import DispatchSettings, Peers
-from dicom_node.dispatch.scu import AssociationError, StoreOutcome, store_files
+from dicom_node.config import Destination, DispatchSettings, Peers
+from dicom_node.dispatch import stow
+from dicom_node.dispatch.scu import AssociationError, Peer, StoreOutcome, store_files
 from dicom_node.logs import fields
 from dicom_node.monitor.metrics import StageMetrics
 from dicom_node.queue.doorbell import Doorbell, IdleWait, join_ringing
@@ -38,6 +45,14 @@ def backoff_delay_s(failed_attempts: int, policy: DispatchSettings) -> float:
     except OverflowError:
         delay = policy.backoff_max_s
     return min(policy.backoff_max_s, delay)
+
+
+def dimse_peer(destination: Destination) -> Peer:
+    """The C-STORE peer of a ``kind = "dimse"`` destination (its keys are checked by the configuration)."""
+    if destination.ae_title is None or destination.host is None or destination.port is None:
+        raise ValueError(f"destination {destination.name!r} is not a DIMSE destination (no ae_title, host, port)")
+    return Peer(destination.ae_title, destination.host, destination.port, destination.tls,
+                destination.ca_certificates, destination.certificate, destination.private_key)
 
 
 @dataclass(eq=False)
@@ -60,6 +75,11 @@ class Dispatcher:
     _threads: list[threading.Thread] = field(default_factory=list, init=False, repr=False)
 
     def start(self) -> None:
+        for destination in self.peers.destinations:
+            if destination.is_dicomweb:
+                for warning in stow.start_warnings(destination):
+                    log.warning(fields(event="dispatch.destination_warning", destination=destination.name,
+                                       reason=warning))
         for index in range(self.settings.concurrency):
             owner = dispatch_owner(self.node_id, index)
             thread = threading.Thread(target=self._loop, args=(owner,), name=f"dispatch-{index}", daemon=True)
@@ -101,6 +121,7 @@ class Dispatcher:
     def dispatch(self, job: Job, owner: str) -> Job:
         """One attempt: send what each destination still lacks, then DONE or schedule the next attempt."""
         errors: list[str] = []
+        refused: list[str] = []  # 4xx answers of DICOMweb servers: no retry helps until someone acts
         for name in job.destinations:
             pending = job.pending(name)
             if not pending:
@@ -117,12 +138,26 @@ class Dispatcher:
             started = time.perf_counter()
             errors_before = len(errors)
             self.metrics.dispatch_attempt(name)
+            paths = [self.spool.path(r.path) for r in pending]
             try:
-                outcomes = store_files(destination, [self.spool.path(r.path) for r in pending], self.calling_ae,
-                                       timeout_s=self.settings.timeout_s, on_stored=delivered,
-                                       associations=self.settings.associations_per_job)
+                if destination.is_dicomweb:
+                    outcomes = stow.store_instances(destination, paths, timeout_s=self.settings.timeout_s,
+                                                    on_stored=delivered)
+                else:
+                    outcomes = store_files(dimse_peer(destination), paths, self.calling_ae,
+                                           timeout_s=self.settings.timeout_s, on_stored=delivered,
+                                           associations=self.settings.associations_per_job)
             except AssociationError as exc:
                 errors.append(f"{name}: {exc}")
+                self.metrics.dispatch_failure(name)
+                continue
+            except stow.StowError as exc:
+                errors.append(f"{name}: {exc}")
+                self.metrics.dispatch_failure(name)
+                if exc.permanent:
+                    refused.append(f"{name}: {exc}")
+                    log.warning(fields(event="dispatch.refused", job=job.id, destination=name,
+                                       http_status=exc.http_status, reason=str(exc)))
                 continue
             except (OSError, ValueError) as exc:
                 errors.append(f"{name}: {type(exc).__name__}: {exc}")
@@ -137,6 +172,10 @@ class Dispatcher:
                 self.metrics.dispatch_failure(name)
         if not errors:
             return self.store.dispatch_succeeded(job.id, owner)
+        if refused:
+            reason = (f"refused: {'; '.join(errors)}. Fix the destination (configuration, credentials) or the "
+                      f"server, then run `dicom-node jobs retry {job.id}`")
+            return self.store.dispatch_failed(job.id, owner, reason, None)
         return self._failed(job, owner, errors)
 
     def _failed(self, job: Job, owner: str, errors: list[str]) -> Job:
