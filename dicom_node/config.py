@@ -12,11 +12,14 @@ from __future__ import annotations
 import contextvars
 import ipaddress
 import os
+import re
 import socket
 import tomllib
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -201,33 +204,144 @@ class Caller(_Section):
         return peer == ipaddress.ip_address(self.host)
 
 
+class DestinationKind(StrEnum):
+    """How results reach a destination (``destinations[].kind``)."""
+
+    DIMSE = "dimse"  # C-STORE over an association (PS3.7), DICOM TLS optional (PS3.15 Annex B.9)
+    DICOMWEB = "dicomweb"  # STOW-RS to a DICOMweb root over HTTP(S) (PS3.18 10.5)
+
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_DIMSE_KEYS = ("ae_title", "host", "port", "tls")
+_DICOMWEB_KEYS = ("url", "token_env", "username", "password_env", "verify_tls")
+_SECRET_KEYS = ("token", "password", "bearer_token", "api_key")
+
+
 class Destination(_Section):
-    """A peer the node sends results to by C-STORE (over TLS when ``tls`` is true)."""
+    """A peer the node sends results to: by C-STORE (``kind = "dimse"``, the default; over TLS when
+    ``tls`` is true) or by STOW-RS to a DICOMweb root (``kind = "dicomweb"`` with ``url``).
+
+    Which keys each kind takes: dimse needs ``ae_title``, ``host`` and ``port`` (``tls``,
+    ``ca_certificates``, ``certificate``/``private_key`` optional); dicomweb needs ``url`` and takes
+    ``token_env`` (bearer) or ``username`` + ``password_env`` (HTTP basic), ``ca_certificates``,
+    ``certificate``/``private_key`` and ``verify_tls``. Secrets are never in the file: the
+    configuration names the environment variables that hold them, read at every send.
+    """
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    ae_title: str
-    host: str = Field(min_length=1)
-    port: int = Field(ge=1, le=_PORT_MAX)
+    kind: DestinationKind = DestinationKind.DIMSE
+    # dimse
+    ae_title: str | None = None
+    host: str | None = Field(default=None, min_length=1)
+    port: int | None = Field(default=None, ge=1, le=_PORT_MAX)
     tls: bool = Field(default=False, description="DICOM TLS (PS3.15 Annex B.9, BCP 195) to this peer")
+    # dicomweb
+    url: str | None = Field(default=None, description="the DICOMweb root, e.g. https://pacs:8042/dicom-web "
+                                                      "(STOW-RS posts to {url}/studies/{study})")
+    token_env: str | None = Field(default=None, description="environment variable holding a bearer token")
+    username: str | None = Field(default=None, min_length=1, description="HTTP basic user (with password_env)")
+    password_env: str | None = Field(default=None, description="environment variable holding the basic password")
+    verify_tls: bool = Field(default=True, description="https: verify the server's certificate and host name")
+    # both
     ca_certificates: Path | None = Field(
-        default=None, description="PEM file of the CAs the peer's certificate must chain to (TLS: required)")
+        default=None, description="PEM file of the CAs the peer's certificate must chain to (DICOM TLS: "
+                                  "required; https: instead of the system's CAs)")
     certificate: Path | None = Field(default=None, description="client certificate (PEM) shown to the peer")
     private_key: Path | None = Field(default=None, description="the client certificate's private key (PEM)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_secrets_in_the_file(cls, data: Any) -> Any:
+        """A password in node.toml ends up in backups, tickets and screenshots: name a variable instead."""
+        if isinstance(data, dict):
+            for key in _SECRET_KEYS:
+                if key in data:
+                    raise ValueError(f"{key!r}: credentials are never read from the configuration; put the secret "
+                                     "in an environment variable and name it with token_env (bearer) or "
+                                     "password_env (with username, HTTP basic)")
+        return data
+
     @field_validator("ae_title")
     @classmethod
-    def _ae(cls, value: str) -> str:
-        return _check_ae_title(value)
+    def _ae(cls, value: str | None) -> str | None:
+        return None if value is None else _check_ae_title(value)
+
+    @field_validator("token_env", "password_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and not _ENV_NAME.match(value):
+            raise ValueError(f"{value!r} is not an environment variable name (letters, digits and _)")
+        return value
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        """An http(s) URL without credentials, query or fragment; kept without its trailing slash so
+        that the STOW-RS and QIDO-RS resources are ``{url}/studies`` (PS3.18 8.2)."""
+        if value is None:
+            return None
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{value!r} is not an http:// or https:// URL of a DICOMweb root")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("the URL must not carry credentials: use token_env, or username + password_env")
+        if parts.query or parts.fragment:
+            raise ValueError(f"{value!r}: a DICOMweb root has no query or fragment")
+        try:
+            parts.port  # noqa: B018  (raises on a port out of range)
+        except ValueError as exc:
+            raise ValueError(f"{value!r}: {exc}") from None
+        return value.strip().rstrip("/")
+
+    @property
+    def is_dicomweb(self) -> bool:
+        return self.kind is DestinationKind.DICOMWEB
+
+    @property
+    def is_https(self) -> bool:
+        return self.url is not None and self.url.lower().startswith("https:")
 
     @model_validator(mode="after")
-    def _tls_files(self) -> Destination:
+    def _keys_of_the_kind(self) -> Destination:
         if (self.certificate is None) != (self.private_key is None):
             raise ValueError("certificate and private_key go together (the client certificate and its key)")
+        given = self.model_fields_set
+        if self.is_dicomweb:
+            misplaced = [k for k in _DIMSE_KEYS if k in given]
+            if misplaced:
+                raise ValueError(f"kind = \"dicomweb\" does not use {', '.join(misplaced)} (keys of kind = "
+                                 "\"dimse\"): give url, the DICOMweb root; TLS is chosen by an https:// url")
+            if self.url is None:
+                raise ValueError("kind = \"dicomweb\" needs url, the DICOMweb root (e.g. http://pacs:8042/dicom-web)")
+            if self.token_env is not None and (self.username is not None or self.password_env is not None):
+                raise ValueError("token_env (bearer) and username/password_env (basic) exclude each other")
+            if (self.username is None) != (self.password_env is None):
+                raise ValueError("username and password_env go together (HTTP basic authentication)")
+            if not self.is_https and (self.ca_certificates or self.certificate or "verify_tls" in given):
+                raise ValueError("ca_certificates, certificate, private_key and verify_tls are used only with "
+                                 "an https:// url")
+            if not self.verify_tls and self.ca_certificates is not None:
+                raise ValueError("verify_tls = false ignores ca_certificates: give one or the other")
+            return self
+        misplaced = [k for k in _DICOMWEB_KEYS if k in given]
+        if misplaced:
+            raise ValueError(f"{', '.join(misplaced)}: keys of kind = \"dicomweb\"; this destination is "
+                             "kind = \"dimse\" (the default), which uses ae_title, host and port")
+        missing = [k for k in ("ae_title", "host", "port") if getattr(self, k) is None]
+        if missing:
+            raise ValueError(f"kind = \"dimse\" (the default) needs ae_title, host and port; missing: "
+                             f"{', '.join(missing)} (for a DICOMweb destination set kind = \"dicomweb\" and url)")
         if not self.tls and (self.ca_certificates or self.certificate):
             raise ValueError("ca_certificates, certificate and private_key are used only with tls = true")
         if self.tls and self.ca_certificates is None:
             raise ValueError("tls = true needs ca_certificates: the node verifies every peer it sends PHI to")
         return self
+
+    def describe(self) -> str:
+        """``ORTHANC@10.0.0.5:4242`` or the DICOMweb root: where this destination is, for messages."""
+        if self.is_dicomweb:
+            return str(self.url)
+        return f"{self.ae_title}@{self.host}:{self.port}"
 
 
 class RoutingRule(_Section):
@@ -402,6 +516,17 @@ class HttpSettings(_Section):
     max_waiting_parses: int = Field(default=4, ge=0, description="parses queued behind the running one; "
                                                                   "more get 503")
     parse_threads: int = Field(default=0, ge=0, description="torch threads of the API's parser; 0: half the cores")
+    dicomweb_calling_ae: str = Field(
+        default="DICOMWEB",
+        description="the calling AE title photos stored by STOW-RS (POST /dicom-web/studies) are received as: "
+                    "a [[callers]] entry with this ae_title admits DICOMweb clients (its host pin is matched "
+                    "against the HTTP client's address), its return_to is what '@sender' means for them and "
+                    "routing rules name it in calling_ae_titles; without such an entry STOW-RS answers 403")
+
+    @field_validator("dicomweb_calling_ae")
+    @classmethod
+    def _dicomweb_ae(cls, value: str) -> str:
+        return _check_ae_title(value)
 
     @property
     def auth_required(self) -> bool:
@@ -447,8 +572,8 @@ class Peers:
         """The destination that results go to when a rule says '@sender' for this caller."""
         if caller.return_to is not None:
             return self.destination(caller.return_to)
-        for dest in self.destinations:
-            if dest.ae_title == caller.ae_title and caller.admits_host(dest.host):
+        for dest in self.destinations:  # a DICOMweb destination has no AE title: only return_to names it
+            if dest.ae_title is not None and dest.ae_title == caller.ae_title and caller.admits_host(dest.host):
                 return dest
         return None
 

@@ -26,6 +26,7 @@ from dicom_node.allocator import NODE as NODE_THRESHOLDS
 from dicom_node.allocator import keep_freed_memory
 from dicom_node.config import NodeConfig
 from dicom_node.dispatch.dispatcher import Dispatcher
+from dicom_node.intake.accept import Acceptor
 from dicom_node.intake.scp import IntakeSCP
 from dicom_node.intake.watermark import DiskWatermark
 from dicom_node.logs import fields
@@ -176,8 +177,10 @@ class Node:
         # a reader must never see a node that is ready before it can process anything.
         health = self.health = Health(config.health_path, config.worker.not_ready_log_interval_s, waiting)
         doorbells = new_doorbells()
+        # one way to accept a photo, whichever door it comes in by: C-STORE here, STOW-RS on the HTTP port
+        acceptor = Acceptor(config.intake, store, self.spool, metrics, doorbells.photo_received)
         intake = self.intake = IntakeSCP(config.listener, config.intake, config.peers, store, self.spool, metrics,
-                                         doorbells.photo_received)
+                                         doorbells.photo_received, acceptor=acceptor)
         metrics.count_open_associations(lambda: intake.open_associations)
         try:
             intake.start()
@@ -189,7 +192,8 @@ class Node:
             raise NodeStartError(f"cannot listen on {config.bind_address}:{config.port}: {exc.strerror or exc}. "
                                  "Is another node or PACS using that port?") from exc
         if config.http.enabled:
-            app = node_app(config.http, config.model_dir, config.worker.runtime, store, self.readiness(), metrics)
+            app = node_app(config.http, config.model_dir, config.worker.runtime, store, self.readiness(), metrics,
+                           acceptor=acceptor, peers=config.peers)
             self.http = HttpServer(app, config.http.bind_address, config.http.port)
             try:
                 self.http.start()

@@ -39,7 +39,12 @@ fi
 .venv/bin/pip install -q "torch==2.13.0"
 if [ $WITH_TEST -eq 1 ]; then
     install_debian "${DEBIAN_TEST_PACKAGES[@]}"
+    command -v npm >/dev/null || install_debian npm  # a NodeSource npm is kept: Debian's would conflict with it
     .venv/bin/pip install -q -e ".[test]"
+    # The OHIF viewer of tests/test_ohif_viewer.py (npm pack @ohif/app into ~/.cache/dicom_node, no build),
+    # fetched now so that the tests need no registry; the test fetches it itself if this failed.
+    .venv/bin/python -m tests.ohif_fixtures \
+        || echo "setup: WARNING: could not fetch the OHIF viewer; tests/test_ohif_viewer.py needs it" >&2
 else
     .venv/bin/pip install -q -e .
 fi

@@ -486,3 +486,71 @@ def header_bomb(claimed_rows: int = 26000, claimed_columns: int = 26000, transfe
     frame = next(generate_frames(ds.PixelData, number_of_frames=1))
     ds.PixelData = encapsulate([forge_frame_size(frame, claimed_rows, claimed_columns)])
     return ds
+
+
+# --------------------------------------------------------------------------- Orthanc with DICOMweb (helper C)
+
+ORTHANC_DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+class DicomWebOrthanc(Orthanc):
+    """The shipped Orthanc configuration plus its DICOMweb plugin at ``/dicom-web/`` (STOW-RS,
+    QIDO-RS, WADO-RS): :attr:`dicomweb_url` is the root a ``kind = "dicomweb"`` destination or a
+    viewer points at.
+
+    ``users`` ({name: password}) turns on HTTP basic authentication (``AuthenticationEnabled`` +
+    ``RegisteredUsers``); the helper's own REST calls (``get``, ``post``, ``download``, ``has_instance``)
+    then sign in as the first user. ``routing``: keep the shipped Lua rule that forwards VL photos
+    to the node (off by default, so photos stored here by a test go nowhere). ``http_port`` pins the
+    port (restart on the same one). No HTTPS: Orthanc 1.10.1's ``SslEnabled`` segfaults (exit 139)
+    on its first HTTPS request on Debian 12.
+    """
+
+    def __init__(self, workdir: Path, node_port: int | None = None, users: dict[str, str] | None = None,
+                 routing: bool = False, http_port: int | None = None) -> None:
+        super().__init__(workdir, node_port if node_port is not None else free_port())
+        if http_port is not None:
+            self.http_port = http_port
+        self.users = dict(users or {})
+        config = json.loads(self.config_path.read_text())
+        config.update(HttpPort=self.http_port, Plugins=[str(ORTHANC_DICOMWEB_PLUGIN)],
+                      DicomWeb={"Enable": True, "Root": "/dicom-web/"})
+        if not routing:
+            config.pop("LuaScripts", None)
+        if self.users:
+            config.update(AuthenticationEnabled=True, RegisteredUsers=self.users)
+        self.config_path.write_text(json.dumps(config, indent=2))
+        self.url = f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"{self.url}/dicom-web"
+
+    def start(self) -> DicomWebOrthanc:
+        if not ORTHANC_DICOMWEB_PLUGIN.is_file():
+            pytest.skip(f"needs {ORTHANC_DICOMWEB_PLUGIN} (Debian package orthanc-dicomweb)")
+        super().start()
+        return self
+
+    def _open(self, path: str, body: bytes | None = None, timeout_s: float = 30.0) -> bytes:
+        import base64
+
+        request = urllib.request.Request(self.url + path, data=body, method="POST" if body is not None else "GET")
+        if self.users:
+            name, password = next(iter(self.users.items()))
+            request.add_header("Authorization", "Basic " + base64.b64encode(f"{name}:{password}".encode()).decode())
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            return response.read()
+
+    def get(self, path: str) -> Any:
+        return json.loads(self._open(path, timeout_s=10))
+
+    def post(self, path: str, body: Any) -> Any:
+        return json.loads(self._open(path, json.dumps(body).encode()))
+
+    def download(self, instance_id: str) -> bytes:
+        return self._open(f"/instances/{instance_id}/file")
+
+    def sop_instance_uids(self) -> set[str]:
+        """Every SOP Instance UID Orthanc holds."""
+        return {self.get(f"/instances/{i}")["MainDicomTags"]["SOPInstanceUID"] for i in self.get("/instances")}

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from datetime import UTC, datetime
 from io import BytesIO
 from typing import cast
@@ -31,13 +31,13 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # made at import from pynetdicom's tables
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import IntakeSettings, Listener, Peers
-from dicom_node.intake.checks import ReceivedStore, ReceiveGuard, Refusal, check_store
+from dicom_node.intake.accept import Acceptor, Received
+from dicom_node.intake.checks import ReceiveGuard
 from dicom_node.intake.watermark import MB, DiskWatermark
 from dicom_node.logs import fields
 from dicom_node.monitor.metrics import StageMetrics
@@ -52,30 +52,19 @@ from dicom_node.net.tls import (
     start_tls_server,
 )
 from dicom_node.queue.doorbell import Doorbell
-from dicom_node.queue.job import NewJob
 from dicom_node.queue.store import JobStore
 from dicom_node.spool.base import Spool
 
 log = logging.getLogger(__name__)
 
 
-_PREAMBLE = b"\x00" * 128 + b"DICM"
-
-
-def part10_chunks(event: Event) -> list[bytes | memoryview]:
-    """The received object as DICOM Part 10 (PS3.10 section 7.1: preamble, "DICM", File Meta
-    Information, then the data set exactly as sent), in pieces that reference the received
-    buffer instead of copying 1 MB into one more ``bytes``."""
-    data_set = cast(C_STORE, event.request).DataSet
-    body = data_set.getbuffer() if isinstance(data_set, BytesIO) else memoryview(event.encoded_dataset(False))
-    return [_PREAMBLE, encode_file_meta(event.file_meta), body]
-
-
 @dataclass(eq=False)
 class IntakeSCP:
     """The node's receiving application entity, started without blocking.
 
-    ``photo_received`` is rung for every new job (the workers wait on it).
+    ``photo_received`` is rung for every new job (the workers wait on it). ``acceptor``: the node's
+    one :class:`~dicom_node.intake.accept.Acceptor`, shared with the STOW-RS route; without it the SCP
+    makes its own over ``store``, ``spool``, ``metrics`` and ``photo_received``.
     """
 
     listener: Listener
@@ -85,6 +74,7 @@ class IntakeSCP:
     spool: Spool
     metrics: StageMetrics
     photo_received: Doorbell
+    acceptor: InitVar[Acceptor | None] = None
     received: int = field(default=0, init=False)  # photos acknowledged since start (new jobs and duplicates)
     _server: ThreadedAssociationServer | None = field(default=None, init=False, repr=False)
     _tls_server: TlsAssociationServer | None = field(default=None, init=False, repr=False)
@@ -93,9 +83,11 @@ class IntakeSCP:
     watermark: DiskWatermark = field(init=False, repr=False)
     # catches what pynetdicom would drop or choke on before _on_store is called
     guard: ReceiveGuard = field(init=False, repr=False)
+    _acceptor: Acceptor = field(init=False, repr=False)
 
-    def __post_init__(self) -> None:
-        self.watermark = DiskWatermark.from_settings(self.spool.path(""), self.settings)
+    def __post_init__(self, acceptor: Acceptor | None) -> None:
+        self._acceptor = acceptor or Acceptor(self.settings, self.store, self.spool, self.metrics, self.photo_received)
+        self.watermark = self._acceptor.watermark
         self.guard = ReceiveGuard(self.settings.max_object_mb * MB, self.metrics)
         self.ae = self._make_ae()
 
@@ -261,8 +253,9 @@ class IntakeSCP:
         return status.SUCCESS
 
     def _on_store(self, event: Event) -> int | Dataset:
-        """Check the header (no decoding), keep room on disk, spool the object as sent, commit its
-        job, then acknowledge.
+        """Refuse what pynetdicom flagged while the request arrived, then hand the object to the
+        node's :class:`~dicom_node.intake.accept.Acceptor` (size, header checks, duplicate, disk
+        watermark, spool, commit) and answer with the status it gives.
 
         What can never become a photo is refused at once with the standard's status and an Error
         Comment (:mod:`dicom_node.intake.checks`); a disk below its watermark answers 0xA700 before
@@ -272,91 +265,26 @@ class IntakeSCP:
         sop_instance_uid = str(request.AffectedSOPInstanceUID or "").strip()
         sop_class_uid = str(request.AffectedSOPClassUID or "").strip()
         calling_ae = event.assoc.requestor.ae_title.strip()
-        host = event.assoc.requestor.address
-        max_object_bytes = self.settings.max_object_mb * MB
-
-        def refuse(refusal: Refusal) -> Dataset:
-            log.warning(fields(event="intake.refused", sop=None if refusal.omit_instance_uid else sop_instance_uid,
-                               calling_ae=calling_ae, status=status.describe(refusal.status),
-                               reason=refusal.log_reason))
-            self._rejected(refusal.reason)
-            return refusal.response()
 
         # a command UID pynetdicom could not take (swapped for a stand-in), an object dropped as it arrived
         early = self.guard.take_refusal(event.assoc, request.MessageID)
         if early is not None:
-            return refuse(early)
+            return self._acceptor.refuse(None, early, sop_instance_uid=sop_instance_uid, calling_ae=calling_ae,
+                                         sop_class_uid=sop_class_uid).dimse_response()
         data_set = request.DataSet if isinstance(request.DataSet, BytesIO) else BytesIO(event.encoded_dataset(False))
-        size = data_set.getbuffer().nbytes
-        if size > max_object_bytes:
-            return refuse(Refusal(status.OUT_OF_RESOURCES, "object_too_large", "object larger than the node takes",
-                                  f"{size} bytes, more than intake.max_object_mb ({self.settings.max_object_mb} MB)"))
-        received = ReceivedStore(data_set, str(event.context.transfer_syntax), str(event.context.abstract_syntax),
-                                 sop_class_uid, sop_instance_uid)
-        try:
-            refusal = check_store(received, self.settings.max_pixels, max_object_bytes)
-        except Exception as exc:  # a bug in a check must not cost a photo: the worker decides then
-            log.error(fields(event="intake.check_error", sop=sop_instance_uid, calling_ae=calling_ae,
-                             reason=f"{type(exc).__name__}: {exc}"))
-            refusal = None
-        if refusal is not None:
-            return refuse(refusal)
-
-        try:
-            existing = self.store.find(sop_instance_uid)
-        except Exception as exc:  # the store is down: the sender must keep the object
-            return self._out_of_resources(sop_instance_uid, calling_ae, "job store unavailable", exc)
-        if existing is not None:
-            self._count()
-            log.info(fields(event="intake.duplicate", sop=sop_instance_uid, job=existing.id,
-                            state=existing.state.value, calling_ae=calling_ae))
-            return status.SUCCESS
-
-        try:
-            room = self.watermark.reserve(size + 4096)  # + preamble, file meta, a last block
-        except OSError as exc:
-            return self._out_of_resources(sop_instance_uid, calling_ae, "cannot read the free disk space", exc)
-        if room is None:  # logged by the watermark, once a minute
-            self._rejected("disk_low")
-            return Refusal(status.OUT_OF_RESOURCES, "disk_low", "node disk space low, send again later").response()
-        with room:
-            try:
-                relative = self.spool.write_photo(part10_chunks(event))
-            except Exception as exc:  # disk full, read-only, permissions: never acknowledge
-                return self._out_of_resources(sop_instance_uid, calling_ae, "cannot write the spool", exc)
-            new = NewJob(
-                sop_instance_uid=sop_instance_uid,
-                sop_class_uid=sop_class_uid,
-                transfer_syntax_uid=str(UID(event.context.transfer_syntax)),  # one per accepted context
-                calling_ae=calling_ae,
-                calling_host=host,
-                photo_path=relative,
-            )
-            try:
-                job, created = self.store.add_received(new)
-            except Exception as exc:
-                self.spool.discard(relative)
-                return self._out_of_resources(sop_instance_uid, calling_ae, "cannot commit the job", exc)
-        if not created:  # the same UID arrived on another association meanwhile
-            self.spool.discard(relative)
-            log.info(fields(event="intake.duplicate", sop=sop_instance_uid, job=job.id, state=job.state.value,
-                            calling_ae=calling_ae))
-        else:
-            self.photo_received.ring()
-        self._count()
-        return status.SUCCESS
-
-    def _count(self) -> None:
-        with self._lock:
-            self.received += 1
-        self.metrics.received()
+        outcome = self._acceptor.accept(Received(
+            data_set=data_set,
+            transfer_syntax=str(UID(event.context.transfer_syntax)),  # one per accepted context
+            declared_sop_class=str(event.context.abstract_syntax),
+            sop_class_uid=sop_class_uid,
+            sop_instance_uid=sop_instance_uid,
+            calling_ae=calling_ae,
+            calling_host=event.assoc.requestor.address,
+        ))
+        if outcome.stored:
+            with self._lock:
+                self.received += 1
+        return outcome.dimse_response()
 
     def _rejected(self, reason: str) -> None:
         self.metrics.rejected(reason)
-
-    def _out_of_resources(self, sop_instance_uid: str, calling_ae: str, what: str, exc: BaseException) -> int:
-        self._rejected("out_of_resources")
-        log.error(fields(event="intake.out_of_resources", sop=sop_instance_uid, calling_ae=calling_ae,
-                         status=status.describe(status.OUT_OF_RESOURCES),
-                         reason=f"{what}: {type(exc).__name__}: {exc}"))
-        return status.OUT_OF_RESOURCES

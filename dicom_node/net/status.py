@@ -47,3 +47,10 @@ def describe(status: int) -> str:
     category, text = STORAGE_SERVICE_CLASS_STATUS.get(status, (code_to_category(status), ""))
     meaning = text.removeprefix("Refused: ").removeprefix("Error: ") or category
     return f"0x{status:04X} ({meaning.lower().replace('sop class', 'SOP class')})"
+
+
+# STOW-RS Failure Reasons (PS3.18 Annex I, Table I.2-2) that C-STORE negotiation makes needless: over
+# DICOMweb nothing is negotiated, so an unaccepted SOP class or transfer syntax reaches the checks.
+SOP_CLASS_NOT_SUPPORTED = 0x0122  # Referenced SOP Class not supported
+TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122  # Referenced Transfer Syntax not supported
+PROCESSING_FAILURE = 0x0110  # a general failure in processing the operation

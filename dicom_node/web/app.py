@@ -18,12 +18,14 @@ from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from dicom_node.config import HttpSettings
+from dicom_node.config import HttpSettings, Peers
+from dicom_node.intake.accept import Acceptor
 from dicom_node.monitor.metrics import NodeMetrics
 from dicom_node.monitor.readiness import Readiness
 from dicom_node.queue.store import JobStore
 from dicom_node.web.api import PREDICT_PATH, WebContext, health_router, jobs_router, parse_router
 from dicom_node.web.auth import BearerTokenMiddleware, login_router
+from dicom_node.web.dicomweb import StowRs
 from dicom_node.web.errors import install_error_handlers
 from dicom_node.web.parsing import ParserProvider
 from dicom_node.web.uploads import UploadLimit
@@ -42,13 +44,20 @@ def create_app(
     readiness: Readiness,
     metrics: NodeMetrics,
     settings: HttpSettings,
+    acceptor: Acceptor | None = None,
+    peers: Peers | None = None,
 ) -> FastAPI:
+    """The app; with ``acceptor`` and ``peers`` (a running node's) it also takes photos by STOW-RS
+    at ``/dicom-web/studies`` (:mod:`dicom_node.web.dicomweb`)."""
     ctx = WebContext(parser_provider, job_store, readiness, metrics, settings)
+    stow = StowRs(acceptor, peers, settings) if acceptor is not None and peers is not None else None
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
         ctx.close()
+        if stow is not None:
+            stow.close()
 
     app = FastAPI(
         lifespan=lifespan,
@@ -64,6 +73,8 @@ def create_app(
     app.include_router(parse_router(ctx))
     app.include_router(jobs_router(ctx))
     app.include_router(health_router(ctx))
+    if stow is not None:
+        app.include_router(stow.router())
     app.include_router(login_router(settings, str(STATIC_DIR / "login.html")))
     _add_pages(app)
     app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes, paths=(PREDICT_PATH,))
