@@ -41,9 +41,6 @@ from dicom_node.spool.base import Spool
 
 log = logging.getLogger(__name__)
 
-# Where a photo came from, as the metrics label it (next to SOURCE_DICOM, a C-STORE).
-SOURCE_DICOMWEB = "dicomweb"
-
 PART10_PREAMBLE = b"\x00" * 128 + b"DICM"  # PS3.10 7.1: 128-byte preamble, then the prefix
 _SPOOL_OVERHEAD_BYTES = 4096  # preamble, file meta, a last block: reserved beside the data set
 

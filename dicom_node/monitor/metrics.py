@@ -39,6 +39,7 @@ NAMESPACE = "dicom_node"
 # Where a photo came from: a C-STORE to the DICOM port, or an upload to the REST API / web UI.
 SOURCE_DICOM = "dicom"
 SOURCE_API = "api"
+SOURCE_DICOMWEB = "dicomweb"  # a photo stored by STOW-RS (POST /dicom-web/studies)
 
 # CPU parses of one photo take from a fraction of a second (tiny test model) to minutes (large photo,
 # full model, one busy core).
@@ -166,6 +167,7 @@ class NodeMetrics:
         for source in (SOURCE_DICOM, SOURCE_API):
             self.instances_received.labels(source)
             self.parse_seconds.labels(source)
+        self.instances_received.labels(SOURCE_DICOMWEB)
         for why in DeletionReason:
             self.retention_deleted_files.labels(why.value)
             self.retention_deleted_bytes.labels(why.value)

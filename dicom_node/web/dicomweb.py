@@ -42,9 +42,10 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
 from dicom_node.config import HttpSettings, Peers
-from dicom_node.intake.accept import SOURCE_DICOMWEB, Acceptor, Outcome, Received
+from dicom_node.intake.accept import Acceptor, Outcome, Received
 from dicom_node.intake.checks import Refusal, uid_problem
 from dicom_node.logs import fields
+from dicom_node.monitor.metrics import SOURCE_DICOMWEB
 from dicom_node.net import status
 from dicom_node.web.errors import error_json
 from dicom_node.web.uploads import too_large
