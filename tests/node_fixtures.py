@@ -280,13 +280,15 @@ class NodeProcess:
         self.port = int(config["port"])
         self.data_dir = Path(config["data_dir"])
 
-    def start(self, wait_ready: bool = True, timeout_s: float = PROCESS_TIMEOUT_S) -> NodeProcess:
+    def start(self, wait_ready: bool = True, timeout_s: float = PROCESS_TIMEOUT_S,
+              own_process_group: bool = False) -> NodeProcess:
+        """``own_process_group``: the node leads a process group of its own (signal it as systemd does)."""
         log = open(self.log_path, "a")  # noqa: SIM115
         env = {k: v for k, v in os.environ.items() if not k.startswith("DICOM_NODE_")}
         env["PYTHONUNBUFFERED"] = "1"
         self.process = subprocess.Popen(
             [PYTHON, "-m", "dicom_node", "serve", "--config", str(self.config_path)],
-            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
+            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=own_process_group,
         )
         log.close()
         if wait_ready:

@@ -241,6 +241,26 @@ def test_broken_model_keeps_accepting_and_says_not_ready(
     assert_no_patient_data(node.log_text())
 
 
+def test_sigterm_to_the_whole_process_group_is_a_quiet_stop(
+    running_orthanc: Orthanc, node_factory, node_port: int, small_model_dir: Path, tmp_path: Path
+) -> None:
+    """systemd stops a service with SIGTERM to every process of its group, the workers too. That is
+    a normal stop: exit 0, each worker logs its own stop (it was not killed: the parent-death signal
+    follows the pool's thread, which must outlive the workers), and no ERROR line."""
+    import signal
+
+    config = node_config(tmp_path / "data", small_model_dir, node_port, running_orthanc.dicom_port)
+    node = node_factory(config)
+    node.start(own_process_group=True)
+    assert node.process is not None
+    os.killpg(node.process.pid, signal.SIGTERM)
+    assert node.process.wait(timeout=60) == 0
+    log = node.log_text()
+    assert "event=node.stopped" in log and "event=worker.stopped" in log, log[-2000:]
+    errors = [line for line in log.splitlines() if " ERROR " in line or "Traceback" in line]
+    assert errors == []
+
+
 def test_a_killed_worker_is_restarted(
     running_orthanc: Orthanc, node_factory, node_port: int, small_model_dir: Path, tmp_path: Path
 ) -> None:

@@ -87,6 +87,7 @@ class WorkerPool:
         # Never written: closing our end (or dying) tells every worker to stop (see worker.py).
         self._stop_read, self._stop_write = self._ctx.Pipe(duplex=False)
         self._stopping = threading.Event()
+        self._workers_gone = threading.Event()  # set by stop() once every worker has exited
         self._lock = threading.Lock()
         self._slots = [_Slot(index=i) for i in range(setup.settings.count)]
         self._thread: threading.Thread | None = None
@@ -126,6 +127,7 @@ class WorkerPool:
                                        reason="did not stop in time"))
                     process.kill()
                     process.join(timeout=5)
+        self._workers_gone.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
         for slot in self._slots:
@@ -171,6 +173,10 @@ class WorkerPool:
             except Exception:  # the supervisor must outlive its own bugs
                 log.exception(fields(event="worker_pool.error"))
             self._stopping.wait(MONITOR_INTERVAL_S)
+        # This thread spawned the workers, and Linux's parent-death signal (SIGKILL, see
+        # lifetime.py) follows the spawning *thread*: returning now would kill a worker still
+        # finishing its photo or unloading its runtime. Stay until stop() has seen them exit.
+        self._workers_gone.wait(STOP_GRACE_S + 10)
 
     def _drain_messages(self) -> None:
         for slot in self._slots:

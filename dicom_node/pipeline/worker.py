@@ -90,7 +90,11 @@ def worker_main(setup: WorkerSetup, slot: int, owner: str, messages: Connection,
                 parent_pid: int, doorbells: Doorbells) -> None:
     """Entry point of a worker process (spawned by :class:`~dicom_node.pipeline.supervisor.WorkerPool`)."""
     die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the node; it stops us in order
+    # Ctrl-C, and systemd's SIGTERM to the whole process group, reach the node too: it stops us in
+    # order (closes the stop pipe; we finish the photo in hand), so a normal stop is no worker death.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from dicom_node.logs import setup_logging
 
     setup_logging(setup.log_level)
