@@ -357,7 +357,8 @@ def test_a_node_behind_a_token_returns_results_and_a_kill_after_the_200_loses_no
         assert [value(i, SOP_INSTANCE) for i in items(answer, REFERENCED)] == [first.SOPInstanceUID]
         wait_until(lambda: result_modalities(pacs, first.StudyInstanceUID) == RESULT_MODALITIES, 90,
                    f"SEG, SC and SR of the STOW-RS photo in storescp (node log: {node.log_path})")
-        (job,) = node.jobs()
+        # the PACS holds the results a moment before the job's DONE is committed
+        (job,) = node.wait_jobs_final(1, 30)
         assert job.state == JobState.DONE and job.calling_ae == DICOMWEB_AE and job.calling_host == "127.0.0.1"
 
         code, answer = http_post(url, multipart([part10(second, tmp_path)]), stow_headers(TOKEN))
