@@ -33,6 +33,7 @@ from dicom_node.logs import fields
 from dicom_node.model.names import model_present
 from dicom_node.monitor.health import Health
 from dicom_node.monitor.metrics import NodeMetrics
+from dicom_node.monitor.notify import notify
 from dicom_node.monitor.readiness import (
     Check,
     Readiness,
@@ -301,6 +302,8 @@ def serve(config: NodeConfig) -> int:
     signal.signal(signal.SIGHUP, request_reload)
     # `kill -USR1 <pid>` writes every thread's stack to the log: how to see where a node is stuck.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # Type=notify: systemd starts units ordered after us only now, with both ports listening.
+    notify(f"READY=1\nSTATUS=receiving on port {node.intake.port if node.intake else config.port}")
     try:
         while not stop.is_set():
             wake.wait(1.0)
@@ -310,6 +313,7 @@ def serve(config: NodeConfig) -> int:
                 log.info(fields(event="node.signal", signal="SIGHUP", action="reload TLS certificates"))
                 node.reload_tls()
     finally:
+        notify("STOPPING=1")
         started = time.monotonic()
         node.stop()
         log.info(fields(event="node.exit", shutdown_s=f"{time.monotonic() - started:.2f}"))

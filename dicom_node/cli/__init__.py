@@ -12,6 +12,7 @@ import importlib
 import logging
 from pathlib import Path
 
+from dicom_node import __version__
 from dicom_node.model.names import PostprocessMode, default_model_dir
 from dicom_node.model.runtime.names import RUNTIME_CHOICES, RuntimeName
 from dicom_node.queue.job import JobState
@@ -30,6 +31,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicom-node", description="DICOM AI node: parse body photographs with M2FP, "
                                      "return SEG, SC and SR to the PACS.")
+    parser.add_argument("--version", action="version", version=f"dicom-node {__version__}")
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -52,7 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("model", help="get the weights or make an untrained test model")
     msub = m.add_subparsers(dest="model_command", required=True)
     f = msub.add_parser("fetch", help="download the official M2FP weights with modelscope (pip install '.[fetch]')")
-    f.add_argument("--dir", type=Path, default=DEFAULT_MODEL_DIR)
+    f.add_argument("--dir", type=Path, default=DEFAULT_MODEL_DIR,
+                   help="where to put configuration.json and pytorch_model.pt; default %(default)s")
+    f.add_argument("--revision", default=None,
+                   help="hub revision to download (default: the revision this release was verified with)")
     t = msub.add_parser("make-test", help="write an UNTRAINED model in the official layout, for tests and benchmarks")
     t.add_argument("--dir", type=Path, required=True)
     t.add_argument("--small", action="store_true", help="a tiny configuration for fast tests")
@@ -85,6 +90,10 @@ def _add_config_arg(p: argparse.ArgumentParser) -> None:
 def _add_node_commands(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("serve", help="run the node: receive photos, parse them, send SEG/SC/SR to the PACS")
     _add_config_arg(s)
+
+    c = sub.add_parser("check", help="check an installation: configuration, model, data directory, ports, "
+                                     "destinations, TLS files, Orthanc rule; exit 0 ok, 1 warnings, 2 failures")
+    _add_config_arg(c)
 
     e = sub.add_parser("echo", help="C-ECHO a configured destination (by name) or HOST:PORT")
     e.add_argument("destination", help="a destination name from the configuration, or HOST:PORT")
@@ -133,6 +142,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "parse": ("parse", "run_parse"),
     "model": ("model", "run"),
     "serve": ("serve", "run"),
+    "check": ("check", "run"),
     "jobs": ("jobs", "run"),
     "echo": ("peers", "run_echo"),
     "send": ("peers", "run_send"),
