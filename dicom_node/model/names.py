@@ -20,6 +20,9 @@ DEFAULT_MODEL_DIR = Path("models/m2fp")
 CONFIG_FILE = "configuration.json"
 WEIGHTS_FILE = "pytorch_model.pt"
 UNTRAINED_MARKER = "UNTRAINED.txt"  # written by `dicom-node model make-test` beside random weights
+# Written by `dicom-node model fetch` after the strict load: where the weights came from (hub, model
+# id, revision), the sha256 of pytorch_model.pt and the state-dict digest (the model version).
+MODEL_RECORD_FILE = "dicom_node-model.json"
 
 
 class PostprocessMode(StrEnum):
