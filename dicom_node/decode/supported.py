@@ -16,6 +16,9 @@ PHOTO_SOP_CLASS: str = uid.VLPhotographicImageStorage
 # objects the worker can only fail.
 DECODABLE_SOP_CLASSES: frozenset[str] = frozenset({
     uid.VLPhotographicImageStorage,
+    # Dermoscopic Photography Image (PS3.3 A.32.11, modality DMS): the same single-frame 8-bit
+    # colour photo as VL Photographic, taken through a dermatoscope for skin-lesion follow-up.
+    uid.DermoscopicPhotographyImageStorage,
     uid.VLEndoscopicImageStorage,
     uid.VLMicroscopicImageStorage,
     uid.SecondaryCaptureImageStorage,
