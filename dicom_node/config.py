@@ -18,7 +18,7 @@ import tomllib
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -34,7 +34,7 @@ from dicom_node.decode.supported import (
     DECODABLE_SOP_CLASSES,
     DECODABLE_TRANSFER_SYNTAXES,
     DEFAULT_MAX_PIXELS,
-    PHOTO_SOP_CLASS,
+    DEFAULT_PHOTO_SOP_CLASSES,
     DecodeLimits,
 )
 from dicom_node.encode.options import EncodeOptions
@@ -91,7 +91,8 @@ class _Section(BaseModel):
 class IntakeSettings(_Section):
     """What the C-STORE SCP negotiates and how long it waits."""
 
-    accepted_sop_classes: list[str] = Field(default_factory=lambda: [PHOTO_SOP_CLASS])
+    # VL Photographic, and Dermoscopic Photography for skin-lesion follow-up (same photo forms)
+    accepted_sop_classes: list[str] = Field(default_factory=lambda: list(DEFAULT_PHOTO_SOP_CLASSES))
     accepted_transfer_syntaxes: list[str] = Field(default_factory=lambda: list(DECODABLE_TRANSFER_SYNTAXES))
     max_associations: int = Field(default=10, ge=1, le=256)
     max_pdu_bytes: int = Field(
@@ -612,6 +613,10 @@ class NodeConfig(BaseSettings):
     model_dir: Path = DEFAULT_MODEL_DIR
     auto_fetch_model: bool = True
     log_level: str = "INFO"
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="text: lines for people (journalctl); json: one JSON object a line for log shippers, "
+                    "the key=value fields of each line as keys of their own")
     intake: IntakeSettings = Field(default_factory=IntakeSettings)
     callers: list[Caller] = Field(default_factory=list)
     destinations: list[Destination] = Field(default_factory=list)
@@ -635,6 +640,12 @@ class NodeConfig(BaseSettings):
         if value not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise ValueError(f"log level {value!r} is not DEBUG, INFO, WARNING, ERROR or CRITICAL")
         return value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _log_format(cls, value: object) -> object:
+        """``JSON`` or ``Text`` in a file or ``DICOM_NODE_LOG_FORMAT`` mean what they say (as log_level does)."""
+        return value.strip().lower() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _references(self) -> NodeConfig:

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import faulthandler
 import logging
-import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -30,7 +28,7 @@ from dicom_node.intake.accept import Acceptor
 from dicom_node.intake.scp import IntakeSCP
 from dicom_node.intake.watermark import DiskWatermark
 from dicom_node.logs import fields
-from dicom_node.model.names import model_present
+from dicom_node.model.presence import BackgroundFetch, model_signature
 from dicom_node.monitor.health import Health
 from dicom_node.monitor.metrics import NodeMetrics
 from dicom_node.monitor.notify import notify
@@ -60,64 +58,10 @@ log = logging.getLogger("dicom_node.node")
 
 EXIT_OK = 0
 EXIT_CANNOT_START = 1
-MODELSCOPE_HUB_HOST = "modelscope.cn"  # where `model fetch` downloads from (modelscope's default domain)
-DNS_TIMEOUT_S = 5.0
 
 
 class NodeStartError(RuntimeError):
     """The node cannot start; the message tells the administrator what to do."""
-
-
-def _resolves(host: str, timeout_s: float = DNS_TIMEOUT_S) -> bool:
-    """Whether ``host`` resolves within ``timeout_s``: the quick offline test before a download
-    library spends half a minute importing itself and retrying."""
-    outcome: list[bool] = []
-
-    def lookup() -> None:
-        try:
-            socket.getaddrinfo(host, 443)
-            outcome.append(True)
-        except OSError:
-            outcome.append(False)
-
-    thread = threading.Thread(target=lookup, name="dns-probe", daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    return bool(outcome and outcome[0])
-
-
-def ensure_model(config: NodeConfig) -> None:
-    """Make sure a model directory is there, fetching it when allowed; raise :class:`NodeStartError` if not.
-
-    A model that is present but broken is not checked here: the workers report that, and the node
-    keeps receiving (not ready) until it is fixed.
-    """
-    model_dir = config.model_dir
-    if model_present(model_dir):
-        return
-    how = (
-        f"Fetch the weights with `dicom-node model fetch --dir {model_dir}` on a machine that reaches the "
-        "ModelScope hub (needs `pip install '.[fetch]'`) and copy the directory here, or point model_dir "
-        "(DICOM_NODE_MODEL_DIR) at an existing one; for tests only, "
-        f"`dicom-node model make-test --dir {model_dir}` writes an UNTRAINED model."
-    )
-    if not config.auto_fetch_model:
-        raise NodeStartError(f"no M2FP model in {model_dir} (configuration.json and pytorch_model.pt). {how}")
-    hub = os.environ.get("MODELSCOPE_DOMAIN", MODELSCOPE_HUB_HOST)
-    if not _resolves(hub):
-        raise NodeStartError(f"no M2FP model in {model_dir}, and this machine is offline (cannot resolve {hub}, "
-                             f"so `dicom-node model fetch` cannot work here). {how}")
-    log.info(fields(event="model.fetching", model_dir=model_dir))
-    from dicom_node.model.fetch import FetchError, fetch_model
-
-    try:
-        fetch_model(model_dir)
-    except FetchError as exc:
-        # the first clause only ("cannot download ... from the ModelScope hub"): the library's own
-        # retry chatter is already in the log above
-        what = str(exc).split(" (")[0].split(". ")[0]
-        cause = f", {type(exc.__cause__).__name__}" if exc.__cause__ is not None else ""
-        raise NodeStartError(f"no M2FP model in {model_dir}, and fetching it failed ({what}{cause}). {how}") from exc
 
 
 def recover(config: NodeConfig, store: JobStore) -> list[int]:
@@ -144,6 +88,7 @@ def worker_setup(config: NodeConfig) -> WorkerSetup:
         router=Router(config.routing.rules, config.peers),
         limits=config.intake.decode_limits(),
         labels=config.results.encode_options(),
+        log_format=config.log_format,
     )
 
 
@@ -161,6 +106,7 @@ class Node:
         self.cleaner: Cleaner | None = None
         self.metrics: NodeMetrics | None = None
         self.http: HttpServer | None = None
+        self.fetch: BackgroundFetch | None = None
         self._stopped = threading.Event()
 
     def start(self) -> None:
@@ -214,6 +160,11 @@ class Node:
         self.cleaner = Cleaner(config.retention, store, self.spool, metrics)
         self.cleaner.start()
         health.start()
+        # No model is no reason not to receive: photos are queued, the workers (WorkerPool) say
+        # "no model" until one is there and load it then, without a restart.
+        if model_signature(config.model_dir) is None and config.auto_fetch_model:
+            self.fetch = BackgroundFetch(config.model_dir)
+            self.fetch.start()
         log.info(fields(event="node.started", ae_title=config.ae_title, address=config.bind_address,
                         port=intake.port, http_port=self.http.port if self.http else None,
                         workers=config.worker.count, data_dir=config.data_dir))
@@ -260,7 +211,7 @@ class Node:
             return
         self._stopped.set()
         log.info(fields(event="node.stopping"))
-        for stage in (self.http, self.intake, self.workers, self.dispatcher, self.cleaner, self.health):
+        for stage in (self.fetch, self.http, self.intake, self.workers, self.dispatcher, self.cleaner, self.health):
             if stage is not None:
                 try:
                     stage.stop()
@@ -275,7 +226,6 @@ def serve(config: NodeConfig) -> int:
     """Run the node until SIGTERM or SIGINT; SIGHUP re-reads the TLS certificates. Returns the exit code."""
     keep_freed_memory(NODE_THRESHOLDS)  # intake's 1 MB buffers: ~15 % more photos/s (allocator.py)
     try:
-        ensure_model(config)
         node = Node(config)
         node.start()
     except NodeStartError as exc:

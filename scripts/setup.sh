@@ -1,12 +1,22 @@
 #!/usr/bin/env bash
 # Set up dicom_node in ./.venv (pinned dependencies; torch stays on the CPU build).
-#   scripts/setup.sh            runtime only
+#   scripts/setup.sh            the node, and what `dicom-node model fetch` needs (modelscope)
 #   scripts/setup.sh --test     plus test tools and the Debian packages of the test peers
+# A runtime set-up whose pyproject.toml has not changed since the last one returns at once, without
+# the network: `scripts/run-node.sh` calls this on every start (a service restart needs no PyPI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 WITH_TEST=0
 [ "${1:-}" = "--test" ] && WITH_TEST=1
+
+STAMP=.venv/.dicom-node-setup
+WANT="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [ $WITH_TEST -eq 0 ] && [ -x .venv/bin/dicom-node ] && [ -f "$STAMP" ] \
+        && [ "$(cut -d' ' -f1 "$STAMP")" = "$WANT" ]; then
+    echo "setup: up to date (.venv)"
+    exit 0
+fi
 
 DEBIAN_TEST_PACKAGES=(dcmtk dicom3tools orthanc orthanc-dicomweb orthanc-python orthanc-gdcm chromium chromium-driver)
 
@@ -46,7 +56,8 @@ if [ $WITH_TEST -eq 1 ]; then
     .venv/bin/python -m tests.ohif_fixtures \
         || echo "setup: WARNING: could not fetch the OHIF viewer; tests/test_ohif_viewer.py needs it" >&2
 else
-    .venv/bin/pip install -q -e .
+    .venv/bin/pip install -q -e ".[fetch]"
 fi
 .venv/bin/python -c "import torch, dicom_node; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+echo "$WANT $([ $WITH_TEST -eq 1 ] && echo test || echo runtime)" > "$STAMP"
 echo "setup: ready (.venv)"

@@ -48,7 +48,8 @@ def test_defaults_are_safe_and_complete(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.chdir(tmp_path)  # no config/node.toml here: defaults only
     config = load_config()
     assert config.bind_address == "127.0.0.1"
-    assert config.intake.accepted_sop_classes == [VL_PHOTOGRAPHIC_IMAGE_STORAGE]
+    # VL Photographic and Dermoscopic Photography (PS3.4 B.5: 1.2.840.10008.5.1.4.1.1.77.1.7)
+    assert config.intake.accepted_sop_classes == [VL_PHOTOGRAPHIC_IMAGE_STORAGE, "1.2.840.10008.5.1.4.1.1.77.1.7"]
     assert "1.2.840.10008.1.2.4.50" in config.intake.accepted_transfer_syntaxes  # JPEG Baseline
     assert config.callers == []  # nobody may send until configured
     assert config.job_db_path == Path("data") / "jobs.sqlite3"

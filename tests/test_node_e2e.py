@@ -288,17 +288,40 @@ def test_a_killed_worker_is_restarted(
     assert job.state.value == "done"
 
 
-def test_no_model_and_offline_stops_with_one_clear_message(node_factory, node_port: int, tmp_path: Path) -> None:
-    config = node_config(tmp_path / "data", tmp_path / "no_model_here", node_port, 9, auto_fetch_model=True)
+def test_a_broken_model_fixed_in_place_is_loaded_at_once_without_a_restart(
+        node_factory, node_port: int, small_model_dir: Path, tmp_path: Path) -> None:
+    """The files changing is news: a model that failed to load is tried again when an administrator
+    replaces its files, not an hour (model_retry_interval_s) later."""
+    import shutil
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    shutil.copy(small_model_dir / "configuration.json", model_dir / "configuration.json")
+    (model_dir / "pytorch_model.pt").write_bytes(b"not a checkpoint")
+    config = node_config(tmp_path / "data", model_dir, node_port, 9, worker={"model_retry_interval_s": 3600.0,
+                                                                               "runtime": "eager"})
     node = node_factory(config)
     node.start(wait_ready=False)
-    code = node.process.wait(timeout=120)
-    text = node.log_text()
-    assert code == 1
-    assert "error: no M2FP model in" in text
-    assert "dicom-node model fetch" in text and "dicom-node model make-test" in text
-    assert text.count("error:") == 1, "one message"
-    assert "Traceback" not in text
+
+    def refused() -> dict | None:
+        health = node.health()
+        return health if health and "cannot be loaded" in health["problems"].get("model", "") else None
+
+    wait_until(refused, PARSE_BUDGET_S, "the worker to report the broken model")
+    photo = make_vl_photo(synthetic_rgb(64, 96))
+    assert storescu(write_photos([photo], tmp_path / "in"), node.port).returncode == 0, "received anyway"
+
+    staged = tmp_path / "weights.tmp"
+    shutil.copy(small_model_dir / "pytorch_model.pt", staged)
+    staged.replace(model_dir / "pytorch_model.pt")  # as `model fetch` puts files in place
+    node.wait_ready(2 * PARSE_BUDGET_S)  # well before the hour of model_retry_interval_s
+    def parsed() -> object:
+        jobs = node.jobs()
+        return jobs if jobs and jobs[0].parse_s is not None else None
+
+    (job,) = wait_until(parsed, PARSE_BUDGET_S, "the queued photo to be parsed by the model put in place")
+    assert job.state.value in ("dispatching", "done"), (job.state, job.reason)  # no PACS here: results wait
+    assert "Traceback" not in node.log_text()
 
 
 def test_stages_hand_over_at_once_even_with_long_polls(

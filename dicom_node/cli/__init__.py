@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import logging
 from pathlib import Path
 
 from dicom_node import __version__
+from dicom_node.logs import LOG_FORMATS, LOG_LEVELS
 from dicom_node.model.names import PostprocessMode, default_model_dir
 from dicom_node.model.runtime.names import RUNTIME_CHOICES, RuntimeName
 from dicom_node.queue.job import JobState
@@ -20,6 +22,7 @@ from dicom_node.queue.job import JobState
 log = logging.getLogger("dicom_node.cli")
 
 DEFAULT_MODEL_DIR = default_model_dir()
+DISTRIBUTION = "dicom-node"  # the name in pyproject.toml
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -28,20 +31,37 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
 
 
+def installed_version() -> str:
+    """The version pip installed (package metadata: what `pip show dicom-node` and a bug report name);
+    the source tree's ``__version__`` when run from a checkout that was never installed."""
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dicom-node", description="DICOM AI node: parse body photographs with M2FP, "
                                      "return SEG, SC and SR to the PACS.")
-    parser.add_argument("--version", action="version", version=f"dicom-node {__version__}")
-    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"dicom-node {installed_version()}",
+                        help="print the installed version and exit")
+    # choices: a typo (--log-level LOUD) is an argparse error naming the levels, not a silent INFO;
+    # str.upper runs before the check, so `--log-level debug` is accepted.
+    parser.add_argument("--log-level", default=None, type=str.upper, choices=LOG_LEVELS, metavar="LEVEL",
+                        help="log level: %(choices)s (case-insensitive); default: $DICOM_NODE_LOG_LEVEL, else "
+                             "the configuration's log_level (serve), else INFO")
+    parser.add_argument("--log-format", default=None, type=str.lower, choices=LOG_FORMATS,
+                        help="text: lines for people; json: one JSON object a line for log shippers; default: "
+                             "$DICOM_NODE_LOG_FORMAT, else the configuration's log_format (serve), else text")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do")
 
     p = sub.add_parser("parse", help="parse photos (JPEG, PNG, DICOM) and write label maps, overlays and JSON")
-    p.add_argument("photos", nargs="+", type=Path)
+    p.add_argument("photos", nargs="+", type=Path, help="photo files to parse: JPEG, PNG or DICOM")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--lesion-mask", type=Path, action="append", default=[],
                    help="binary lesion mask image (same size as the photo); repeat once per photo, in order")
     p.add_argument("--dicom", action="store_true", help="also write <stem>_seg.dcm, _sc.dcm, _sr.dcm for DICOM input")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
     p.add_argument("--postprocess", choices=[m.value for m in PostprocessMode], default=PostprocessMode.EXACT.value,
                    help="exact: the official semantics at the photo's size (default); fast: scores and label map "
                         "at the network-input size, about 35x faster on 12 MP photos, label maps agree on >99.5%% "
@@ -52,14 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
 
     m = sub.add_parser("model", help="get the weights or make an untrained test model")
-    msub = m.add_subparsers(dest="model_command", required=True)
+    msub = m.add_subparsers(dest="model_command", required=True, metavar="ACTION", help="fetch or make-test")
     f = msub.add_parser("fetch", help="download the official M2FP weights with modelscope (pip install '.[fetch]')")
     f.add_argument("--dir", type=Path, default=DEFAULT_MODEL_DIR,
                    help="where to put configuration.json and pytorch_model.pt; default %(default)s")
     f.add_argument("--revision", default=None,
                    help="hub revision to download (default: the revision this release was verified with)")
+    f.add_argument("--force", action="store_true", help="replace a model already in --dir")
     t = msub.add_parser("make-test", help="write an UNTRAINED model in the official layout, for tests and benchmarks")
-    t.add_argument("--dir", type=Path, required=True)
+    t.add_argument("--dir", type=Path, required=True, help="directory to write configuration.json and the "
+                   "random pytorch_model.pt into (created if missing)")
     t.add_argument("--small", action="store_true", help="a tiny configuration for fast tests")
 
     _add_node_commands(sub)
@@ -103,16 +125,16 @@ def _add_node_commands(sub: argparse._SubParsersAction) -> None:
     _add_config_arg(e)
 
     j = sub.add_parser("jobs", help="list, show, retry and purge the node's jobs")
-    jsub = j.add_subparsers(dest="jobs_command", required=True)
+    jsub = j.add_subparsers(dest="jobs_command", required=True, metavar="ACTION", help="list, show, retry or purge")
     jl = jsub.add_parser("list", help="newest jobs first")
     jl.add_argument("--state", action="append", default=None,
                     choices=[s.value for s in JobState], help="only jobs in this state (repeatable)")
-    jl.add_argument("--limit", type=int, default=50)
+    jl.add_argument("--limit", type=int, default=50, help="show at most this many jobs (default %(default)s)")
     jl.add_argument("--json", action="store_true", help="one JSON document instead of a table")
     _add_config_arg(jl)
     js = jsub.add_parser("show", help="one job: record, results, deliveries and history")
     js.add_argument("job", help="job id or received SOP Instance UID")
-    js.add_argument("--json", action="store_true")
+    js.add_argument("--json", action="store_true", help="one JSON document instead of text")
     _add_config_arg(js)
     jr = jsub.add_parser("retry", help="re-open failed jobs (dispatch again, or process again)")
     jr.add_argument("jobs", nargs="*", help="job ids")
@@ -130,7 +152,7 @@ def _add_node_commands(sub: argparse._SubParsersAction) -> None:
 
     n = sub.add_parser("send", help="C-STORE DICOM files to a peer (a small SCU for demos and tests)")
     n.add_argument("files", nargs="+", type=Path, help="DICOM files or directories (searched recursively)")
-    n.add_argument("--to", required=True, metavar="HOST:PORT")
+    n.add_argument("--to", required=True, metavar="HOST:PORT", help="the peer's address and DICOM port")
     n.add_argument("--aet", required=True, help="called AE title")
     n.add_argument("--calling-aet", default="DICOM_NODE_SCU", help="our AE title (default %(default)s)")
     n.add_argument("--timeout", type=float, default=30.0, help="seconds (default %(default)s)")
@@ -153,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     from dicom_node.logs import setup_logging
 
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     module, entry = COMMANDS[args.command]
     run = getattr(importlib.import_module(f"dicom_node.cli.{module}"), entry)
     return int(run(args))

@@ -4,7 +4,7 @@ Two entry points:
 
 * :func:`photo_from_dataset` for a pydicom ``Dataset`` (what the SCP received):
   single-frame VL Photographic Image (PS3.3 A.33.4) and the same pixel forms
-  under VL Endoscopic, VL Microscopic and Secondary Capture.
+  under Dermoscopic Photography, VL Endoscopic, VL Microscopic and Secondary Capture.
 * :func:`load_photo` for a file: DICOM Part 10 (or a bare dataset) goes through
   :func:`photo_from_dataset`; anything else is opened with Pillow exactly as the
   official M2FP pipeline does (``Image.open`` -> ``ImageOps.exif_transpose`` ->
@@ -105,7 +105,7 @@ def photo_from_dataset(
     """Decode a single-frame photo ``Dataset`` to RGB.
 
     ``accepted_sop_classes`` restricts the SOP classes (default: VL Photographic,
-    VL Endoscopic, VL Microscopic, Secondary Capture).  ``source`` names the
+    Dermoscopic Photography, VL Endoscopic, VL Microscopic, Secondary Capture).  ``source`` names the
     input in errors and in the returned :class:`Photo` (default: the dataset's
     file name, else its SOP Instance UID).
 

@@ -12,6 +12,9 @@ from pydicom import uid
 
 # The photo class a PACS routing rule forwards (modality XC); what intake accepts by default.
 PHOTO_SOP_CLASS: str = uid.VLPhotographicImageStorage
+# What intake accepts by default: VL Photographic, and Dermoscopic Photography (skin-lesion
+# follow-up, one of the node's uses); the other decodable classes only when configured.
+DEFAULT_PHOTO_SOP_CLASSES: tuple[str, ...] = (PHOTO_SOP_CLASS, uid.DermoscopicPhotographyImageStorage)
 # SOP classes whose pixel forms the decoder handles; accepting anything else would acknowledge
 # objects the worker can only fail.
 DECODABLE_SOP_CLASSES: frozenset[str] = frozenset({

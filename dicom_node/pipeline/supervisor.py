@@ -3,8 +3,12 @@
 * A worker that dies is restarted, after a delay that doubles while deaths keep coming (up to
   ``worker.max_restart_delay_s``); the job it held goes back to the queue, or ends FAILED once it
   has cost ``worker.max_attempts`` workers (a photo that crashes the decoder must not do so forever).
+* No worker is started while ``model_dir`` lacks a model (the node started without one, or it is
+  still downloading): the node says "no model" and how to install it, and starts the workers the
+  moment both files are there.
 * A worker that cannot load the model exits with a code of its own; the model is tried again every
-  ``worker.model_retry_interval_s`` (an administrator may fix the files without restarting the node).
+  ``worker.model_retry_interval_s``, or at once when the files change (an administrator fixing them
+  needs no restart).
 * Either way the node is marked not ready (see :mod:`dicom_node.monitor.health`) while processing is impossible;
   intake is not affected.
 
@@ -32,6 +36,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 
 from dicom_node.logs import fields
+from dicom_node.model.presence import Signature, model_signature, no_model_message
 from dicom_node.monitor.health import Health
 from dicom_node.monitor.metrics import StageMetrics
 from dicom_node.pipeline.worker import EXIT_MODEL_UNAVAILABLE, MessageKind, WorkerMessage, WorkerSetup, worker_main
@@ -59,6 +64,8 @@ class _Slot:
     generation: int = 0
     next_start: float = 0.0
     deaths: deque[float] = field(default_factory=deque)
+    loading: Signature | None = None  # the model files as they were when this slot's worker started
+    failed_model: Signature | None = None  # the files its last load failed on; others are tried at once
 
 
 @dataclass
@@ -94,6 +101,9 @@ class WorkerPool:
         self._pending_releases: dict[str, _PendingRelease] = {}  # by owner; monitor thread only
         self._release_outage = False  # a release failed and not all have landed since: ERROR logged
         self._next_sweep = time.monotonic() + setup.settings.sweep_interval_s
+        self._model: Signature | None = None  # the model files as last seen; monitor thread only
+        self._model_looked = False
+        self._model_missing = False  # said "no model" since the start (so a model that appears is news)
 
     @property
     def pids(self) -> list[int]:
@@ -105,6 +115,7 @@ class WorkerPool:
             self.health.set_problem(PROBLEM_WORKERS, "worker.count is 0: photos are queued but never processed")
         else:
             self.health.set_problem(PROBLEM_MODEL, "the workers are loading the model", log_now=False)
+            self._look_at_model()  # "no model" from the first answer of /readyz on (the thread is not started yet)
         self._thread = threading.Thread(target=self._monitor, name="worker-pool", daemon=True)
         self._thread.start()
 
@@ -138,6 +149,7 @@ class WorkerPool:
 
     def _start_slot(self, slot: _Slot) -> None:
         slot.generation += 1
+        slot.loading = self._model
         slot.owner = worker_owner(self.node_id, slot.index, slot.generation)
         if slot.messages is not None:
             slot.messages.close()
@@ -163,6 +175,7 @@ class WorkerPool:
             try:
                 self._drain_messages()
                 now = time.monotonic()
+                self._look_at_model()
                 for slot in self._slots:
                     self._check_slot(slot, now)
                 self._retry_releases()
@@ -213,11 +226,33 @@ class WorkerPool:
                 return
             if code == EXIT_MODEL_UNAVAILABLE:
                 slot.next_start = now + self.settings.model_retry_interval_s
+                slot.failed_model = slot.loading
                 self.health.set_worker(f"worker-{slot.index}", pid=None, state="waiting for the model")
             else:
                 self._record_death(slot, code, now)
-        if slot.process is None and now >= slot.next_start and not self._stopping.is_set():
+        if slot.process is not None or self._stopping.is_set() or self._model is None:
+            return
+        if now >= slot.next_start or slot.failed_model != self._model:
+            slot.failed_model = None
             self._start_slot(slot)
+
+    def _look_at_model(self) -> None:
+        """Follow the model files: none means "no model" (loudly, with the fix); files that appear
+        or change are loaded by the next start of each waiting slot (:meth:`_check_slot`)."""
+        model = model_signature(self.setup.model_dir)
+        if model == self._model and self._model_looked:
+            return
+        self._model_looked = True
+        if model is None:
+            self._model_missing = True
+            self.health.set_problem(PROBLEM_MODEL, no_model_message(self.setup.model_dir))
+            for slot in self._slots:
+                self.health.set_worker(f"worker-{slot.index}", pid=None, state="waiting for a model")
+        elif self._model_missing:
+            self._model_missing = False
+            log.info(fields(event="model.found", model_dir=self.setup.model_dir))
+            self.health.set_problem(PROBLEM_MODEL, "the workers are loading the model", log_now=False)
+        self._model = model
 
     def _record_death(self, slot: _Slot, code: int | None, now: float) -> None:
         reason = f"worker {slot.index} died (exit code {code})"

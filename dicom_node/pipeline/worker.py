@@ -54,6 +54,7 @@ class WorkerSetup:
     router: Router
     limits: DecodeLimits
     labels: EncodeOptions
+    log_format: str = "text"  # the node's: a shipper reading its JSON lines gets no text line from a worker
 
 
 class MessageKind(StrEnum):
@@ -97,7 +98,7 @@ def worker_main(setup: WorkerSetup, slot: int, owner: str, messages: Connection,
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from dicom_node.logs import setup_logging
 
-    setup_logging(setup.log_level)
+    setup_logging(setup.log_level, setup.log_format)
     if os.getppid() != parent_pid:  # the node died while we were starting
         sys.exit(EXIT_STOPPED)
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from dicom_node.decode.photo import Photo
 from dicom_node.logs import fields
+from dicom_node.model.presence import Signature, model_signature, no_model_message
 from dicom_node.model.runtime.names import RuntimeName
 from dicom_node.monitor.readiness import Check, CheckResult
 from dicom_node.parse.engine import HumanParser
@@ -42,8 +43,13 @@ class ParserBusyError(RuntimeError):
 class ParserProvider:
     """Loads the parser on first use (or at :meth:`warm_up`) and runs parses one at a time."""
 
-    def __init__(self, load: Callable[[], HumanParser], max_waiting: int = 4) -> None:
+    def __init__(self, load: Callable[[], HumanParser], max_waiting: int = 4,
+                 model_dir: Path | None = None) -> None:
+        """``model_dir``, when given, is watched: a model missing at the last try is tried again as
+        soon as its files appear, not ``LOAD_RETRY_S`` later."""
         self._load = load
+        self._model_dir = model_dir
+        self._failed_on: Signature | None = None
         self._parser: HumanParser | None = None
         self._load_lock = threading.Lock()
         self._load_error: tuple[float, str] | None = None
@@ -54,7 +60,8 @@ class ParserProvider:
     def from_model_dir(cls, model_dir: str | Path, threads: int = 0, max_waiting: int = 4,
                        runtime: str = RuntimeName.AUTO) -> ParserProvider:
         torch_threads = threads or max(1, (os.cpu_count() or 2) // 2)
-        return cls(lambda: HumanParser.from_model_dir(model_dir, torch_threads, runtime=runtime), max_waiting)
+        return cls(lambda: HumanParser.from_model_dir(model_dir, torch_threads, runtime=runtime), max_waiting,
+                   model_dir=Path(model_dir))
 
     @classmethod
     def of(cls, parser: HumanParser, max_waiting: int = 4) -> ParserProvider:
@@ -74,11 +81,16 @@ class ParserProvider:
         with self._load_lock:
             if self._parser is not None:
                 return self._parser
-            if self._load_error is not None and time.monotonic() - self._load_error[0] < LOAD_RETRY_S:
+            files = model_signature(self._model_dir) if self._model_dir is not None else None
+            if self._model_dir is not None and files is None:
+                raise ModelUnavailableError(no_model_message(self._model_dir))
+            if (self._load_error is not None and time.monotonic() - self._load_error[0] < LOAD_RETRY_S
+                    and files == self._failed_on):
                 raise ModelUnavailableError(self._load_error[1])
             try:
                 self._parser = self._load()
             except Exception as exc:
+                self._failed_on = files
                 message = f"the model cannot be loaded: {type(exc).__name__}: {exc}"
                 self._load_error = (time.monotonic(), message)
                 log.error(fields(event="http.model_unavailable", reason=message))

@@ -62,6 +62,15 @@ async function refreshReadiness() {
     badge.textContent = body.ready ? "ready" : "not ready";
     badge.className = "badge " + (body.ready ? "badge-ok" : "badge-bad");
     badge.title = Object.entries(body.checks).map(([k, c]) => `${k}: ${c.detail}`).join("\n");
+    // "no model" (the node started before its weights were installed): say how to install them
+    const model = body.checks.model;
+    const banner = $("model-banner");
+    if (banner) {
+      const missing = Boolean(model && !model.ok && model.detail.includes("no model"));
+      const how = model && model.detail.includes(": install ") ? model.detail.slice(model.detail.indexOf(": install ") + 2) : "";
+      $("model-banner-how").textContent = how ? how.charAt(0).toUpperCase() + how.slice(1) + "." : "";
+      show(banner, missing);
+    }
     const note = $("not-ready");
     if (note) {
       note.textContent = failed.length ? "Not ready: " + failed.map(([k, c]) => `${k}: ${c.detail}`).join("; ") : "";
