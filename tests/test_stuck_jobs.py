@@ -283,6 +283,7 @@ def test_a_killed_workers_job_is_released_once_the_store_can_be_written(
         (landed,) = messages(caplog, "worker.jobs_released")
         assert landed.levelno == logging.INFO and f"owner={live_owner}" in landed.getMessage()
         assert len(messages(caplog, "worker.release_failed")) == 1, "one ERROR per outage"
+        assert len(messages(caplog, "worker.spawned")) == 1, "the dead worker waits out restart_delay_s"
     finally:
         if filler is not None:
             filler.unlink()

@@ -232,7 +232,10 @@ class WorkerPool:
                 self._record_death(slot, code, now)
         if slot.process is not None or self._stopping.is_set() or self._model is None:
             return
-        if now >= slot.next_start or slot.failed_model != self._model:
+        # A slot that could not load the model starts again as soon as the model changes; any other
+        # death waits out its restart delay (a new model file is no reason to skip the backoff).
+        model_changed = slot.failed_model is not None and slot.failed_model != self._model
+        if now >= slot.next_start or model_changed:
             slot.failed_model = None
             self._start_slot(slot)
 
