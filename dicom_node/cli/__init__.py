@@ -61,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lesion-mask", type=Path, action="append", default=[],
                    help="binary lesion mask image (same size as the photo); repeat once per photo, in order")
     p.add_argument("--dicom", action="store_true", help="also write <stem>_seg.dcm, _sc.dcm, _sr.dcm for DICOM input")
+    p.add_argument("--view", choices=["anterior", "posterior"], default=None,
+                   help="side of the body the photos show, for the estimated %%TBSA of a --lesion-mask; default: "
+                        "the DICOM View Code Sequence, else anterior (with a warning in the report)")
+    p.add_argument("--age", type=float, default=None, metavar="YEARS",
+                   help="patient age in years, for the Lund-Browder chart column; default: the DICOM Patient's Age "
+                        "or Birth Date and Study Date, else adult (with a warning in the report)")
+    p.add_argument("--tbsa-method", choices=["lund-browder", "rule-of-nines"], default="lund-browder",
+                   help="chart for the estimated %%TBSA of a --lesion-mask: lund-browder (default, age-dependent) "
+                        "or rule-of-nines (adults)")
     p.add_argument("--no-progress", action="store_true", help="do not show a progress bar")
     p.add_argument("--postprocess", choices=[m.value for m in PostprocessMode], default=PostprocessMode.EXACT.value,
                    help="exact: the official semantics at the photo's size (default); fast: scores and label map "

@@ -17,8 +17,9 @@ from dicom_node.encode.options import EncodeOptions
 from dicom_node.encode.results import encode_results
 from dicom_node.model.checkpoint import ModelLoadError
 from dicom_node.parse.engine import HumanParser
-from dicom_node.parse.report import UNTRAINED_WARNING, write_parse_outputs
+from dicom_node.parse.report import UNTRAINED_WARNING, photo_tbsa, write_parse_outputs
 from dicom_node.parse.result import ParsingResult
+from dicom_node.parse.tbsa import Method, TbsaEstimate, View, patient_age_years, view_of
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +81,10 @@ def _parse_one(parser: HumanParser, path: Path, args: argparse.Namespace, index:
         lesion = load_lesion_mask(args.lesion_mask[index]) if args.lesion_mask else None
         result = parser.parse(photo.rgb)
         stem = _unique_stem(path, used)
-        write_parse_outputs(photo.rgb, result, args.out, stem, str(path), lesion)
+        tbsa = _photo_tbsa(photo.dataset, result, lesion, args) if lesion is not None else None
+        write_parse_outputs(photo.rgb, result, args.out, stem, str(path), lesion, tbsa=tbsa)
         if args.dicom:
-            _write_dicom(photo, result, args.out, stem, lesion)
+            _write_dicom(photo, result, args.out, stem, lesion, tbsa)
     except PhotoError as exc:
         print(f"error: {path}: {exc.reason}", file=sys.stderr)
         return False
@@ -94,23 +96,35 @@ def _parse_one(parser: HumanParser, path: Path, args: argparse.Namespace, index:
     return True
 
 
-def _write_dicom(photo, result, out_dir: Path, stem: str, lesion: np.ndarray | None) -> None:
+def _photo_tbsa(ds: Dataset | None, result: ParsingResult, lesion: np.ndarray,
+                args: argparse.Namespace) -> TbsaEstimate:
+    """The photo's %TBSA: view and age from the options, else from the DICOM dataset (else unknown)."""
+    view = View(args.view) if getattr(args, "view", None) else (view_of(ds) if ds is not None else None)
+    age = getattr(args, "age", None)
+    if age is None and ds is not None:
+        age = patient_age_years(ds)
+    return photo_tbsa(result, lesion, view, age, Method(getattr(args, "tbsa_method", Method.LUND_BROWDER)))
+
+
+def _write_dicom(photo, result, out_dir: Path, stem: str, lesion: np.ndarray | None,
+                 tbsa: TbsaEstimate | None = None) -> None:
     if photo.dataset is None:
         print(f"note: {photo.source} is not DICOM; --dicom writes DICOM results only for DICOM input",
               file=sys.stderr)
         return
-    write_results(photo.dataset, photo.rgb, result, out_dir, stem, lesion_mask=lesion)
+    write_results(photo.dataset, photo.rgb, result, out_dir, stem, lesion_mask=lesion, tbsa=tbsa)
 
 
 def write_results(photo_ds: Dataset, photo_rgb: np.ndarray, result: ParsingResult, out_dir: Path, stem: str,
-                  options: EncodeOptions | None = None, lesion_mask: np.ndarray | None = None) -> dict[str, object]:
+                  options: EncodeOptions | None = None, lesion_mask: np.ndarray | None = None,
+                  tbsa: TbsaEstimate | None = None) -> dict[str, object]:
     """Build the three objects and write ``<stem>_seg.dcm``, ``_sc.dcm``, ``_sr.dcm`` (``dicom-node parse --dicom``).
 
     Lets a PACS administrator inspect exactly what the node would send before wiring it to a PACS.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    encoded = encode_results(photo_ds, photo_rgb, result, None, options, lesion_mask)
+    encoded = encode_results(photo_ds, photo_rgb, result, None, options, lesion_mask, tbsa=tbsa)
     paths: dict[str, object] = {}
     for kind, ds in (("seg", encoded.seg), ("sc", encoded.sc), ("sr", encoded.sr)):
         if ds is None:

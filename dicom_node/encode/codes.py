@@ -182,3 +182,50 @@ LESION_PERCENT_OF_REGION = private_code("LESION-PCT", "Lesion area as percent of
 
 #: Finding of the image-level measurement group (TID 1501): the people in the photograph.
 PERSONS_IN_IMAGE = private_code("PERSONS", "Persons in image")
+
+
+# --- Estimated %TBSA (dicom_node.parse.tbsa) ----------------------------------------------------
+# Checked for standard concepts first: LOINC has 88099-7 "Third degree burn area/Body surface area
+# [Area/Area] Estimated", which is for full-thickness burns only (a photo's lesion mask says nothing
+# of depth), and we found no LOINC or SNOMED CT concept in pydicom's dictionary or PS3.16 for "burnt
+# (lesion) percent of the body surface estimated from a chart", nor for the chart's per-region shares.
+# So the figures use the private scheme; regions use SNOMED CT anatomy (Head 69536005, Trunk
+# 22943007, Upper limb 53120007, Lower limb 61685007 with laterality Left 7771000 / Right 24028007)
+# and the side of the body the SNOMED CT topographical modifiers Anterior 255549009 / Posterior
+# 255551008, all in pydicom's SNOMED CT dictionary.
+HEAD: Code = codes.SCT.Head  # 69536005
+ANTERIOR: Code = codes.SCT.Anterior  # 255549009
+POSTERIOR: Code = codes.SCT.Posterior  # 255551008
+#: Finding of the image-level (TID 1501) %TBSA group.
+TBSA_ESTIMATE = private_code("TBSA-ESTIMATE", "Estimated lesion extent as percent of body surface")
+#: Finding of each region's (TID 1501) group: the lesion on that region's visible skin.
+TBSA_REGION = private_code("TBSA-REGION", "Lesion extent within body region")
+TBSA_PERCENT = private_code("TBSA-PCT", "Lesion area as percent of total body surface area")
+TBSA_VISIBLE_PERCENT = private_code("TBSA-VIS-PCT", "Visible skin as percent of total body surface area")
+TBSA_CHART_PERCENT = private_code("TBSA-CHART-PCT", "Chart share of region as percent of TBSA")
+TBSA_VISIBLE_SHARE = private_code("TBSA-VIS-SHARE", "Visible skin share of region")
+TBSA_LESION_SHARE = private_code("TBSA-LES-SHARE", "Lesion share of visible region skin")
+TBSA_CONTRIBUTION = private_code("TBSA-CONTRIB", "Lesion contribution as percent of TBSA")
+TBSA_METHOD = private_code("TBSA-METHOD", "Body surface area chart")
+TBSA_AGE_GROUP = private_code("TBSA-AGE-GROUP", "Body surface area chart age group")
+TBSA_METHODS: dict[str, Code] = {
+    "lund-browder": private_code("LUND-BROWDER", "Lund and Browder chart"),
+    "rule-of-nines": private_code("RULE-OF-NINES", "Rule of nines"),
+}
+TBSA_AGE_GROUPS: dict[str, Code] = {
+    "under-1": private_code("AGE-UNDER-1", "Age under 1 year"),
+    "1-4": private_code("AGE-1-4", "Age 1 to 4 years"),
+    "5-9": private_code("AGE-5-9", "Age 5 to 9 years"),
+    "10-14": private_code("AGE-10-14", "Age 10 to 14 years"),
+    "15": private_code("AGE-15", "Age 15 years"),
+    "adult": private_code("AGE-ADULT", "Adult"),
+}
+#: Anatomy (and laterality) of each %TBSA region, keyed by :class:`dicom_node.parse.tbsa.Region` value.
+TBSA_REGION_SITES: dict[str, tuple[Code, Code | None]] = {
+    "head": (HEAD, None),
+    "trunk": (TRUNK, None),
+    "left upper limb": (UPPER_LIMB, LEFT),
+    "right upper limb": (UPPER_LIMB, RIGHT),
+    "left lower limb": (LOWER_LIMB, LEFT),
+    "right lower limb": (LOWER_LIMB, RIGHT),
+}

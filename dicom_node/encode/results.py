@@ -19,6 +19,7 @@ from dicom_node.encode.sr import build_measurement_report
 from dicom_node.parse.render import overlay
 from dicom_node.parse.result import ParsingResult
 from dicom_node.parse.statistics import ParsingStatistics, lesion_statistics, region_statistics
+from dicom_node.parse.tbsa import TbsaEstimate
 
 
 @dataclass
@@ -46,8 +47,14 @@ def encode_results(
     overlay_rgb: np.ndarray | None = None,
     options: EncodeOptions | None = None,
     lesion_mask: np.ndarray | None = None,
+    tbsa: TbsaEstimate | None = None,
+    lesion_seg: Dataset | None = None,
 ) -> EncodedResults:
     """Compute the statistics and build SEG, SC and SR for one photo.
+
+    ``tbsa`` (``parse.tbsa.estimate_tbsa`` of the study's photos) adds the %TBSA groups to the
+    SR, ``lesion_seg`` (a received lesion SEG) is listed in the SR's evidence; see
+    :func:`dicom_node.encode.sr.build_measurement_report`.
 
     ``photo_rgb`` is the decoded photo: the photo's pixels are not re-encoded anywhere, but
     with ``overlay_rgb`` None the overlay is rendered from it (:func:`parse.render.overlay`).
@@ -76,7 +83,7 @@ def encode_results(
 
     sc_future = _sc_executor().submit(overlay_sc)
     try:
-        seg, sr, statistics = _seg_and_sr(photo_ds, result, options, lesion_mask)
+        seg, sr, statistics = _seg_and_sr(photo_ds, result, options, lesion_mask, tbsa, lesion_seg)
     except BaseException:
         wait([sc_future])  # no SC is left building behind the caller's error handling
         raise
@@ -97,7 +104,8 @@ _SC_EXECUTOR_LOCK = threading.Lock()
 
 
 def _seg_and_sr(photo_ds: Dataset, result: ParsingResult, options: EncodeOptions,
-                lesion_mask: np.ndarray | None) -> tuple[hd.seg.Segmentation | None, hd.sr.ComprehensiveSR,
+                lesion_mask: np.ndarray | None, tbsa: TbsaEstimate | None = None,
+                lesion_seg: Dataset | None = None) -> tuple[hd.seg.Segmentation | None, hd.sr.ComprehensiveSR,
                                                          ParsingStatistics]:
     statistics = region_statistics(result)
     lesion = lesion_statistics(result, lesion_mask) if lesion_mask is not None else None
@@ -106,7 +114,8 @@ def _seg_and_sr(photo_ds: Dataset, result: ParsingResult, options: EncodeOptions
     has_segments = bool(statistics.regions) or (options.include_person_segments and bool(result.persons))
     classes = [region.class_index for region in statistics.regions]
     seg = build_segmentation(photo_ds, result, options, classes_present=classes) if has_segments else None
-    sr = build_measurement_report(photo_ds, seg, result, statistics, options, lesion=lesion)
+    sr = build_measurement_report(photo_ds, seg, result, statistics, options, lesion=lesion, tbsa=tbsa,
+                                  lesion_seg=lesion_seg)
     return seg, sr, statistics
 
 

@@ -45,6 +45,20 @@ their own, as a merged measurement is drawn from its first outline only. Each SC
 FROM the photo (its SOP instance), closed (first point repeated last, PS3.3 C.18.6.1.2), in
 image-relative pixel coordinates (C.10.5.1.2).
 
+With a %TBSA estimate (:mod:`dicom_node.parse.tbsa`) the report also has:
+
+- one image-level group (TID 1501, finding "Estimated lesion extent as percent of body surface",
+  Tracking ID "Estimated %TBSA") on the photo: the estimate's percent and visible percent, and
+  the chart (Lund and Browder or rule of nines) and its age group as qualitative evaluations;
+- one TID 1501 group per region and view ("%TBSA <region> <view>"): the region as finding site
+  (SNOMED CT anatomy, laterality, and Anterior/Posterior as topographical modifier), its chart
+  percent, visible share, lesion share (absent when no skin of it was visible) and contribution.
+  Shares are ratios (unit "1"), the others percent of the TBSA; the values are the estimate's,
+  unrounded, so the SR and the JSON report say the same. The estimate may pool several photos
+  of the study (front and back); the groups name this SR's photo as source image.
+A received lesion SEG (``lesion_seg``) is listed in the evidence (Current Requested Procedure
+Evidence Sequence, or Pertinent Other Evidence when of another study; PS3.3 C.17.2).
+
 Numbers come from ``dicom_node.parse.statistics`` (regions) and ``outlines`` (pieces) only.
 """
 
@@ -77,8 +91,62 @@ from dicom_node.encode.seg import PlannedSegment, plan_segments, segment_numbers
 from dicom_node.parse.classes import HUMAN
 from dicom_node.parse.result import ParsingResult
 from dicom_node.parse.statistics import LesionRegionStats, ParsingStatistics, RegionStats
+from dicom_node.parse.tbsa import TbsaEstimate
 
 IMAGE_TRACKING_ID = "Persons in image"
+TBSA_TRACKING_ID = "Estimated %TBSA"
+
+
+def tbsa_region_tracking_id(region: str, view: str) -> str:
+    """Tracking Identifier of a %TBSA region group: "%TBSA left upper limb anterior"."""
+    return f"%TBSA {region} {view}"
+
+
+def tbsa_groups(photo_ds: Dataset, tbsa: TbsaEstimate, algorithm: hd.sr.AlgorithmIdentification,
+                options: EncodeOptions) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    """The %TBSA groups (TID 1501, see the module docstring): the estimate, then one per region and view."""
+    source = [hd.sr.SourceImageForMeasurementGroup(photo_ds.SOPClassUID, photo_ds.SOPInstanceUID)]
+    groups = [
+        hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=new_uid(options), identifier=TBSA_TRACKING_ID),
+            finding_type=codetable.TBSA_ESTIMATE,
+            algorithm_id=algorithm,
+            measurements=[
+                _measurement(codetable.TBSA_PERCENT, float(tbsa.percent), codetable.PERCENT),
+                _measurement(codetable.TBSA_VISIBLE_PERCENT, float(tbsa.visible_percent), codetable.PERCENT),
+            ],
+            qualitative_evaluations=[
+                hd.sr.QualitativeEvaluation(codetable.TBSA_METHOD, codetable.TBSA_METHODS[str(tbsa.method)]),
+                hd.sr.QualitativeEvaluation(codetable.TBSA_AGE_GROUP,
+                                            codetable.TBSA_AGE_GROUPS[str(tbsa.age_group)]),
+            ],
+            source_images=source,
+        )
+    ]
+    for row in tbsa.regions:
+        site, laterality = codetable.TBSA_REGION_SITES[str(row.region)]
+        side = codetable.ANTERIOR if str(row.view) == "anterior" else codetable.POSTERIOR
+        measurements = [
+            _measurement(codetable.TBSA_CHART_PERCENT, float(row.chart_percent), codetable.PERCENT),
+            _measurement(codetable.TBSA_VISIBLE_SHARE, float(row.visible_share), codetable.NO_UNITS),
+        ]
+        if row.lesion_share is not None:
+            measurements.append(
+                _measurement(codetable.TBSA_LESION_SHARE, float(row.lesion_share), codetable.NO_UNITS))
+        measurements.append(
+            _measurement(codetable.TBSA_CONTRIBUTION, float(row.contribution_percent), codetable.PERCENT))
+        groups.append(
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=new_uid(options), identifier=tbsa_region_tracking_id(str(row.region), str(row.view))),
+                finding_type=codetable.TBSA_REGION,
+                finding_sites=[hd.sr.FindingSite(site, laterality=laterality, topographical_modifier=side)],
+                algorithm_id=algorithm,
+                measurements=measurements,
+                source_images=source,
+            )
+        )
+    return groups
 
 
 class _FindingContent(TypedDict):
@@ -260,12 +328,16 @@ def build_measurement_report(
     statistics: ParsingStatistics,
     options: EncodeOptions | None = None,
     lesion: list[LesionRegionStats] | None = None,
+    tbsa: TbsaEstimate | None = None,
+    lesion_seg: Dataset | None = None,
 ) -> hd.sr.ComprehensiveSR:
     """Build the TID 1500 Measurement Report of ``result`` (see the module docstring).
 
     ``seg`` is the SEG built from the same ``result`` and ``options`` (None when the parsing
     had nothing to segment: then only the image-level group is written). ``statistics`` is
-    ``region_statistics(result)``; ``lesion`` is ``lesion_statistics(result, mask)`` or None.
+    ``region_statistics(result)``; ``lesion`` is ``lesion_statistics(result, mask)`` or None;
+    ``tbsa`` is ``parse.tbsa.estimate_tbsa(...)`` of the study's photos or None; ``lesion_seg`` a
+    received lesion SEG the lesion mask came from, listed in the evidence.
     """
     options = options or EncodeOptions()
     check_photo(photo_ds)
@@ -366,6 +438,9 @@ def build_measurement_report(
         groups += outline_groups(photo_ds, f"Person {person.person_index + 1}", person_mask, person_finding,
                                  options, region_tracking=person_tracking)
 
+    if tbsa is not None:
+        groups += tbsa_groups(photo_ds, tbsa, algorithm, options)
+
     report = hd.sr.MeasurementReport(
         observation_context=observation_context(options),
         procedure_reported=codes.cid100.ImagingProcedure,
@@ -374,7 +449,7 @@ def build_measurement_report(
     )
 
     when = content_datetime(options)
-    evidence = [photo_ref] + ([seg] if seg is not None else [])
+    evidence = [photo_ref] + [d for d in (seg, lesion_seg) if d is not None]
     sr = hd.sr.ComprehensiveSR(
         evidence=evidence,
         content=report,
