@@ -14,13 +14,14 @@ import json
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, TypeVar
 
 from anyio import to_thread
-from fastapi import APIRouter, File, HTTPException, Path, Query, UploadFile
+from fastapi import APIRouter, File, HTTPException, Path, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 
 from dicom_node.config import HttpSettings
@@ -31,6 +32,18 @@ from dicom_node.monitor.readiness import Readiness
 from dicom_node.parse.classes import CLASS_COLORS, CLASS_NAMES
 from dicom_node.queue.job import JobState
 from dicom_node.queue.store import JobNotFoundError, JobStore, StaleJobError
+from dicom_node.web.lesion import (
+    PARSING_ID_PATTERN,
+    DecodedMask,
+    KeptParsing,
+    MethodName,
+    ParsingStore,
+    TbsaInputs,
+    ViewName,
+    decode_lesion_mask,
+    lesion_figures,
+    structured_report,
+)
 from dicom_node.web.parsing import ParserBusyError, ParserProvider, Prediction, predict
 from dicom_node.web.schemas import (
     Alive,
@@ -40,6 +53,7 @@ from dicom_node.web.schemas import (
     JobDetail,
     JobOut,
     JobPage,
+    LesionAnswer,
     ParseAnswer,
     ReadinessOut,
     UploadInfo,
@@ -57,6 +71,13 @@ MAX_PAGE = 500
 MAX_OFFSET = 10_000
 
 JobId = Annotated[int, Path(ge=1, le=MAX_JOB_ID, description="the job's id")]
+ParsingId = Annotated[str, Path(pattern=PARSING_ID_PATTERN, description="the parsing_id /api/predict returned")]
+ViewParam = Annotated[ViewName | None, Query(description="which side of the body the photo shows; default: the "
+                                                         "DICOM header's View Code, else anterior")]
+AgeParam = Annotated[float | None, Query(ge=0, le=130, description="patient age in years (the chart's age "
+                                                                   "group); default: the DICOM header's")]
+MethodParam = Annotated[MethodName | None, Query(description="%TBSA chart; default lund-browder")]
+LESION_PATH_PATTERN = r"/api/v1/parsings/[^/]+/lesion"
 
 
 @dataclass
@@ -68,6 +89,7 @@ class WebContext:
     readiness: Readiness
     metrics: NodeMetrics
     settings: HttpSettings
+    parsings: ParsingStore = field(default_factory=ParsingStore)  # for live lesion figures; memory only
     _store_thread: ThreadPoolExecutor | None = field(default=None, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False)
 
@@ -121,8 +143,9 @@ def parse_router(ctx: WebContext) -> APIRouter:
                                               "schema": {"type": "string"}}},
             },
             400: {"model": ErrorBody, "description": "missing or damaged photo"},
-            413: {"model": ErrorBody, "description": "upload or photo too large"},
+            413: {"model": ErrorBody, "description": "upload, photo or lesion mask too large"},
             415: {"model": ErrorBody, "description": "not JPEG, PNG or DICOM, or a DICOM photo we do not handle"},
+            422: {"model": ErrorBody, "description": "the lesion mask is not a readable image"},
             503: {"model": ErrorBody, "description": "model unavailable, or busy with other photos"},
         },
     )
@@ -130,20 +153,41 @@ def parse_router(ctx: WebContext) -> APIRouter:
         image: Annotated[UploadFile, File(description="the photo: JPEG, PNG or DICOM")],
         format: Annotated[Literal["png", "json"], Query(description="png (default) or json")] = "png",  # noqa: A002
         include_original: Annotated[bool, Query(description="json only: add the decoded photo as PNG")] = False,
+        lesion_mask: Annotated[UploadFile | None, File(
+            description="optional lesion mask (PNG or any common image format): a pixel that is neither black "
+                        "nor transparent is lesion; another size than the photo's is resampled "
+                        "nearest-neighbour to it (metadata.lesion_mask says so)")] = None,
+        view: ViewParam = None,
+        age_years: AgeParam = None,
+        tbsa_method: MethodParam = None,
     ) -> Response:
         filename = safe_filename(image.filename)
         data = await image.read()
         await image.close()
+        mask_data: bytes | None = None
+        if lesion_mask is not None:
+            mask_data = await lesion_mask.read()
+            await lesion_mask.close()
+        asked = TbsaInputs(view, age_years, tbsa_method)
 
-        def work() -> Prediction:
+        def work() -> tuple[Prediction, KeptParsing, DecodedMask | None]:
             photo = photo_from_upload(data, filename, settings.max_pixels)
             ctx.metrics.received(SOURCE_API)
+            # the mask is checked before the network runs: a bad mask costs no parse
+            mask = (decode_lesion_mask(mask_data, photo.rgb.shape[:2], settings.max_pixels)
+                    if mask_data is not None else None)
             with ctx.parser.exclusive() as parser:
-                return predict(parser, photo, include_original and format == "json")
+                prediction = predict(parser, photo, include_original and format == "json")
+            kept = ctx.parsings.keep(prediction.result, photo, prediction.report)
+            if mask is not None:
+                with kept.lock:
+                    kept.lesion_mask, kept.tbsa_inputs = mask.mask, asked
+                prediction.report.update(lesion_figures(prediction.result, photo.dataset, mask.mask, asked))
+            return prediction, kept, mask
 
         try:
             with ctx.parser.admitted():
-                prediction = await to_thread.run_sync(work)
+                prediction, kept, mask = await to_thread.run_sync(work)
         except UploadError as exc:
             ctx.metrics.rejected(exc.code, SOURCE_API)
             log.info(fields(event="http.predict_refused", status=exc.status, reason=exc.message))
@@ -152,7 +196,11 @@ def parse_router(ctx: WebContext) -> APIRouter:
             ctx.metrics.rejected("busy", SOURCE_API)
             raise
         ctx.metrics.observe_parse(prediction.parse_s, SOURCE_API)
-        metadata = prediction.metadata
+        metadata = dict(prediction.metadata)
+        metadata["parsing"] = {"id": kept.parsing_id, "expires_in_s": ctx.parsings.expires_in_s(kept),
+                               "sr_available": kept.sr_available}
+        if mask is not None:
+            metadata["lesion_mask"] = mask.info()
         log.info(fields(event="http.predict", persons=metadata["person_count"], seconds=f"{prediction.parse_s:.3f}",
                         size=f"{metadata['image_size']['width']}x{metadata['image_size']['height']}"))
         header = json.dumps(metadata, separators=(",", ":"), ensure_ascii=True)
@@ -183,6 +231,138 @@ def parse_router(ctx: WebContext) -> APIRouter:
         return [ClassInfo(index=i, name=name, color=list(CLASS_COLORS[i])) for i, name in enumerate(CLASS_NAMES)]
 
     return router
+
+
+_MASK_BODY = {
+    "required": True,
+    "content": {
+        "image/png": {"schema": {"type": "string", "format": "binary"}},
+        "multipart/form-data": {"schema": {"type": "object", "required": ["lesion_mask"], "properties": {
+            "lesion_mask": {"type": "string", "format": "binary"}}}},
+    },
+}
+_NOT_KEPT = {"model": ErrorBody, "description": "no such parsing: never made, forgotten after its time, or "
+                                                "pushed out by newer ones"}
+
+
+def parsings_router(ctx: WebContext) -> APIRouter:
+    """Lesion figures, report and SR of a parsing kept by /api/predict, recomputed without the network."""
+    router = APIRouter(prefix="/api/v1/parsings", tags=["lesion"])
+    settings = ctx.settings
+
+    def kept_or_404(parsing_id: str) -> KeptParsing:
+        kept = ctx.parsings.get(parsing_id)
+        if kept is None:
+            raise HTTPException(404, "no such parsing (they are kept for "
+                                     f"{ctx.parsings.ttl_s / 60:g} minutes): parse the photo again")
+        return kept
+
+    def settings_of(kept: KeptParsing, view: ViewName | None, age_years: float | None,
+                    method: MethodName | None) -> TbsaInputs:
+        stored = kept.tbsa_inputs
+        return TbsaInputs(view or stored.view, age_years if age_years is not None else stored.age_years,
+                              method or stored.method)
+
+    @router.post(
+        "/{parsing_id}/lesion", response_model=LesionAnswer,
+        summary="Per-region lesion figures and %TBSA of a mask on a kept parsing",
+        description=(
+            "The body is the mask: a PNG (or any common image format), or multipart/form-data with the "
+            "field `lesion_mask`. A pixel that is neither black nor transparent is lesion; a mask of "
+            "another size than the photo's is resampled nearest-neighbour. The figures come from the "
+            "kept label map: the network does not run. The mask becomes this parsing's lesion for "
+            "report.json and sr.dcm."),
+        openapi_extra={"requestBody": _MASK_BODY},
+        responses={400: {"model": ErrorBody, "description": "invalid parameters or multipart body"},
+                   404: _NOT_KEPT, 413: {"model": ErrorBody, "description": "mask too large"},
+                   422: {"model": ErrorBody, "description": "the mask is not a readable image"}},
+    )
+    async def post_lesion(request: Request, parsing_id: ParsingId, view: ViewParam = None,
+                          age_years: AgeParam = None, tbsa_method: MethodParam = None) -> LesionAnswer:
+        kept = kept_or_404(parsing_id)
+        data = await _mask_bytes(request)
+        asked = TbsaInputs(view, age_years, tbsa_method)
+
+        def work() -> LesionAnswer:
+            started = time.perf_counter()
+            mask = decode_lesion_mask(data, kept.result.size_hw, settings.max_pixels)
+            figures = lesion_figures(kept.result, kept.photo_ds, mask.mask, asked)
+            with kept.lock:
+                kept.lesion_mask, kept.tbsa_inputs = mask.mask, asked
+            return LesionAnswer.model_validate({"parsing_id": parsing_id, **figures, "lesion_mask": mask.info(),
+                                                "compute_s": round(time.perf_counter() - started, 4)})
+
+        answer = await to_thread.run_sync(work)
+        h, w = kept.result.size_hw
+        log.info(fields(event="http.lesion", size=f"{w}x{h}", seconds=f"{answer.compute_s:.4f}"))
+        return answer
+
+    @router.get(
+        "/{parsing_id}/report.json", summary="The parse report with the latest lesion and %TBSA",
+        response_class=JSONResponse,
+        responses={200: {"content": {"application/json": {"schema": {"type": "object"}}}}, 404: _NOT_KEPT},
+    )
+    async def report_json(parsing_id: ParsingId, view: ViewParam = None, age_years: AgeParam = None,
+                          tbsa_method: MethodParam = None) -> JSONResponse:
+        kept = kept_or_404(parsing_id)
+
+        def work() -> dict[str, Any]:
+            with kept.lock:
+                mask, asked = kept.lesion_mask, settings_of(kept, view, age_years, tbsa_method)
+            report = dict(kept.base_report)
+            if mask is not None:
+                report.update(lesion_figures(kept.result, kept.photo_ds, mask, asked))
+            return report
+
+        report = await to_thread.run_sync(work)
+        stem = _ascii_stem(kept.source)
+        return JSONResponse(report, headers={"Cache-Control": "no-store",
+                                             "Content-Disposition": f'attachment; filename="{stem}.json"'})
+
+    @router.get(
+        "/{parsing_id}/sr.dcm", summary="The Measurement Report SR with the latest lesion (DICOM uploads only)",
+        response_class=Response,
+        responses={200: {"content": {"application/dicom": {"schema": {"type": "string", "format": "binary"}}}},
+                   404: _NOT_KEPT,
+                   409: {"model": ErrorBody, "description": "a JPEG or PNG upload: it has no patient, study or "
+                                                            "source image for an SR to name"}},
+    )
+    async def sr_dcm(parsing_id: ParsingId, view: ViewParam = None, age_years: AgeParam = None,
+                     tbsa_method: MethodParam = None) -> Response:
+        kept = kept_or_404(parsing_id)
+        if not kept.sr_available:
+            raise HTTPException(409, "the SR is made only for DICOM uploads: a JPEG or PNG has no patient, study "
+                                     "or source image for it to reference")
+
+        def work() -> bytes:
+            with kept.lock:
+                mask, asked = kept.lesion_mask, settings_of(kept, view, age_years, tbsa_method)
+            return structured_report(kept, mask, asked)
+
+        data = await to_thread.run_sync(work)
+        stem = _ascii_stem(kept.source)
+        return Response(data, media_type="application/dicom", headers={
+            "Cache-Control": "no-store", "Content-Disposition": f'attachment; filename="{stem}_sr.dcm"'})
+
+    return router
+
+
+async def _mask_bytes(request: Request) -> bytes:
+    """The mask from a bare image body, or from the multipart field ``lesion_mask``."""
+    content_type = request.headers.get("content-type", "")
+    if not content_type.lower().startswith("multipart/form-data"):
+        return await request.body()
+    try:
+        form = await request.form(max_files=1, max_fields=8)
+    except Exception as exc:  # starlette's MultiPartException and friends: a malformed envelope
+        raise HTTPException(400, f"unreadable multipart body: {exc}") from None
+    try:
+        part = form.get("lesion_mask")
+        if part is None or isinstance(part, str):
+            raise HTTPException(400, "lesion_mask: a file field is required")
+        return await part.read()
+    finally:
+        await form.close()
 
 
 def jobs_router(ctx: WebContext) -> APIRouter:

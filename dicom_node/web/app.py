@@ -7,6 +7,7 @@ The OpenAPI document is served at ``/openapi.json``.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,10 +24,19 @@ from dicom_node.intake.accept import Acceptor
 from dicom_node.monitor.metrics import NodeMetrics
 from dicom_node.monitor.readiness import Readiness
 from dicom_node.queue.store import JobStore
-from dicom_node.web.api import PREDICT_PATH, WebContext, health_router, jobs_router, parse_router
+from dicom_node.web.api import (
+    LESION_PATH_PATTERN,
+    PREDICT_PATH,
+    WebContext,
+    health_router,
+    jobs_router,
+    parse_router,
+    parsings_router,
+)
 from dicom_node.web.auth import BearerTokenMiddleware, login_router
 from dicom_node.web.dicomweb import StowRs
 from dicom_node.web.errors import install_error_handlers
+from dicom_node.web.lesion import SWEEP_INTERVAL_S, ParsingStore
 from dicom_node.web.parsing import ParserProvider
 from dicom_node.web.uploads import UploadLimit
 
@@ -54,7 +64,12 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        yield
+        sweeper = asyncio.create_task(_sweep_kept_parsings(ctx.parsings))
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            ctx.parsings.clear()  # photos' parsings never outlive the server
         ctx.close()
         if stow is not None:
             stow.close()
@@ -71,13 +86,15 @@ def create_app(
     app.state.web = ctx
     install_error_handlers(app, settings.max_upload_bytes)
     app.include_router(parse_router(ctx))
+    app.include_router(parsings_router(ctx))
     app.include_router(jobs_router(ctx))
     app.include_router(health_router(ctx))
     if stow is not None:
         app.include_router(stow.router())
     app.include_router(login_router(settings, str(STATIC_DIR / "login.html")))
     _add_pages(app)
-    app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes, paths=(PREDICT_PATH,))
+    app.add_middleware(UploadLimit, max_bytes=settings.max_upload_bytes, paths=(PREDICT_PATH,),
+                       path_pattern=LESION_PATH_PATTERN)
     if settings.auth_required:
         assert settings.token is not None  # HttpSettings refuses an open bind without one
         app.add_middleware(BearerTokenMiddleware, token=settings.token.get_secret_value().strip())
@@ -91,6 +108,13 @@ def create_app(
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
+
+
+async def _sweep_kept_parsings(store: ParsingStore) -> None:
+    """Drop expired parsings even when nobody asks for them: PHI is kept no longer than its time."""
+    while True:
+        await asyncio.sleep(SWEEP_INTERVAL_S)
+        store.sweep()
 
 
 class SecurityHeaders:
@@ -135,7 +159,7 @@ def tidy_openapi(schema: dict[str, Any]) -> dict[str, Any]:
     for path_item in schema.get("paths", {}).values():
         for operation in path_item.values():
             responses = operation.get("responses", {})
-            if "422" in responses:
+            if "422" in responses and "HTTPValidationError" in repr(responses["422"]):
                 del responses["422"]
                 responses.setdefault("400", {
                     "description": "invalid request",

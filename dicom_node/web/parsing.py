@@ -26,6 +26,7 @@ from dicom_node.monitor.readiness import Check, CheckResult
 from dicom_node.parse.engine import HumanParser
 from dicom_node.parse.render import color_label_map, overlay, to_png_bytes
 from dicom_node.parse.report import parse_report
+from dicom_node.parse.result import ParsingResult
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,7 @@ def parser_model_check(provider: ParserProvider) -> Check:
 
 @dataclass(frozen=True)
 class Prediction:
+    result: ParsingResult
     report: dict[str, Any]  # parse_report(): the JSON the CLI writes
     metadata: dict[str, Any]  # the summary sent in the X-Parse-Metadata header
     color_png: bytes
@@ -174,5 +176,5 @@ def predict(parser: HumanParser, photo: Photo, include_original: bool = False) -
     color_png = to_png_bytes(color_label_map(result.label_map))
     overlay_png = to_png_bytes(overlay(photo.rgb, result.label_map, class_names=result.class_names))
     original_png = to_png_bytes(photo.rgb) if include_original else None
-    return Prediction(report, prediction_metadata(report), color_png, overlay_png, original_png,
+    return Prediction(result, report, prediction_metadata(report), color_png, overlay_png, original_png,
                       float(result.timings_s.get("total", 0.0)))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from dicom_node.queue.job import Job, JobEvent, JobState
 
@@ -35,6 +35,63 @@ class ModelInfo(BaseModel):
     untrained: bool = Field(description="true for a test model with random weights: the parsing is meaningless")
 
 
+class KeptParsingOut(BaseModel):
+    id: str = Field(description="random token naming this parsing at /api/v1/parsings/{id}/...; kept in memory "
+                                "only, for a limited time")
+    expires_in_s: float = Field(description="seconds until the node forgets it (then 404)")
+    sr_available: bool = Field(description="true for DICOM uploads: only they can have the SR download")
+
+
+class MaskInfo(BaseModel):
+    width: int = Field(description="the mask as sent")
+    height: int
+    resampled: bool = Field(description="true when the mask was not the photo's size and was resampled to it")
+    resampled_to: ImageSize | None = Field(description="the photo's size, when resampled")
+    resampling: Literal["nearest-neighbour"] | None
+    lesion_pixels: int = Field(description="lesion pixels at the photo's size")
+
+
+class LesionRegion(BaseModel):
+    class_index: int
+    label: str
+    region_pixels: int = Field(description="pixels of this region in the label map")
+    lesion_pixels: int = Field(description="of those, how many the lesion mask covers")
+    lesion_percent: float = Field(description="100 * lesion_pixels / region_pixels")
+
+
+class TbsaRegionOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    region: str
+    view: str
+    chart_percent: float = Field(description="the region's share of the body surface in the chart")
+    visible_share: float = Field(description="share of the region's surface seen as skin (not covered)")
+    lesion_share: float | None = Field(description="share of the visible skin with lesion; null: no skin seen")
+    contribution_percent: float = Field(description="the region's part of percent")
+
+
+class TbsaOut(BaseModel):
+    """The %TBSA estimate of :mod:`dicom_node.parse.tbsa` (an estimate from one photo, not for diagnosis)."""
+
+    model_config = ConfigDict(extra="allow")
+    method: str
+    age_group: str
+    age_years: float | None
+    view: str = Field(description="anterior, posterior or both")
+    percent: float = Field(description="estimated % of total body surface area with lesion")
+    visible_percent: float = Field(description="% of the body surface seen as skin in the photo")
+    regions: list[TbsaRegionOut]
+    warnings: list[str]
+    note: str = Field(description="estimate from 2-D photos, not for diagnosis")
+
+
+class LesionAnswer(BaseModel):
+    parsing_id: str
+    lesion: list[LesionRegion] = Field(description="per body region present: how much of it the mask covers")
+    tbsa: TbsaOut
+    lesion_mask: MaskInfo
+    compute_s: float = Field(description="seconds spent on the figures (no network is run)")
+
+
 class ParseMetadata(BaseModel):
     """Also sent, compact, in the ``X-Parse-Metadata`` header of the PNG answer."""
 
@@ -47,6 +104,8 @@ class ParseMetadata(BaseModel):
     regions: list[RegionStatistics]
     model: ModelInfo
     warning: str | None = Field(default=None, description="present when the model is untrained")
+    parsing: KeptParsingOut | None = Field(default=None, description="where to send lesion masks for this parsing")
+    lesion_mask: MaskInfo | None = Field(default=None, description="present when a lesion mask was sent")
 
 
 class ParseImages(BaseModel):

@@ -144,14 +144,20 @@ class UploadLimit:
     ``HTTPException(413)``, which FastAPI hands to the app's JSON error handler.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, paths: tuple[str, ...], envelope_bytes: int = 64 * 1024) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, paths: tuple[str, ...], envelope_bytes: int = 64 * 1024,
+                 path_pattern: str | None = None) -> None:
+        """``path_pattern``: a regular expression for paths with parameters (matched whole)."""
         self.app = app
         self.max_bytes = max_bytes
         self.limit = max_bytes + envelope_bytes  # the multipart envelope around the photo adds a little
         self.paths = paths
+        self.pattern = re.compile(path_pattern) if path_pattern else None
+
+    def _limited(self, path: str) -> bool:
+        return path in self.paths or (self.pattern is not None and self.pattern.fullmatch(path) is not None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] not in self.paths:
+        if scope["type"] != "http" or not self._limited(scope["path"]):
             await self.app(scope, receive, send)
             return
         error = too_large(self.max_bytes)

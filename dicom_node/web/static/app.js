@@ -240,8 +240,11 @@ const parsePage = {
     $("seg-img").src = colorUrl;
     this.applyOpacity();
 
+    // With a kept parsing, the JSON comes from the node: it then holds the lesion painted since.
+    const parsing = meta.parsing;
+    const jsonHref = parsing ? `/api/v1/parsings/${encodeURIComponent(parsing.id)}/report.json` : jsonUrl;
     const links = { "download-color": [colorUrl, "_color.png"], "download-overlay": [overlayUrl, "_overlay.png"],
-                    "download-json": [jsonUrl, ".json"] };
+                    "download-json": [jsonHref, ".json"] };
     for (const [id, [href, suffix]] of Object.entries(links)) {
       $(id).href = href;
       $(id).download = stem + suffix;
@@ -279,7 +282,245 @@ const parsePage = {
       body.appendChild(row);
     }
     show($("results"), true);
+    lesionPainter.start(parsing, size.width, size.height, stem);
     $("results").dataset.ready = "true";
+  },
+};
+
+// ------------------------------------------------------------------ lesion painting
+
+// The lesion is painted on a canvas at the photo's natural size laid over the shown photo; strokes are kept
+// as a stack (undo replays the rest). After each change the mask goes to the node as a PNG, and the
+// per-region table and %TBSA come back computed from the kept parsing (no network run).
+const lesionPainter = {
+  parsingId: null,
+  strokes: [],
+  current: null,
+  seq: 0,  // increases with every change of mask or settings; the answer shown is for data-shown
+  inFlight: false,
+  dirty: false,
+  observer: null,
+
+  init() {
+    const canvas = $("lesion-canvas");
+    canvas.addEventListener("pointerdown", (e) => this.down(e));
+    canvas.addEventListener("pointermove", (e) => this.move(e));
+    ["pointerup", "pointercancel"].forEach((type) => canvas.addEventListener(type, (e) => this.up(e)));
+    $("brush-size").addEventListener("input", () => { $("brush-size-value").textContent = $("brush-size").value + " px"; });
+    $("undo-stroke").addEventListener("click", () => { this.strokes.pop(); this.redraw(); this.changed(); });
+    $("clear-lesion").addEventListener("click", () => { this.strokes = []; this.redraw(); this.changed(); });
+    ["lesion-view", "lesion-age", "tbsa-method"].forEach((id) => $(id).addEventListener("change", () => {
+      if (this.parsingId && this.strokes.length) this.changed();
+    }));
+    const img = $("original-img");
+    this.observer = new ResizeObserver(() => this.fit());
+    this.observer.observe(img);
+    img.addEventListener("load", () => this.fit());
+  },
+
+  start(parsing, width, height, stem) {
+    this.parsingId = parsing ? parsing.id : null;
+    this.strokes = [];
+    this.current = null;
+    this.seq = 0;
+    const canvas = $("lesion-canvas");
+    canvas.width = width;
+    canvas.height = height;
+    this.redraw();
+    this.fit();
+    const section = $("lesion");
+    section.dataset.shown = "0";
+    section.dataset.pending = "false";
+    show(section, Boolean(parsing));
+    $("lesion-body").replaceChildren();
+    this.renderTbsa(null);
+    this.error("");
+    const sr = $("download-sr");
+    if (parsing && parsing.sr_available) {
+      sr.href = `/api/v1/parsings/${encodeURIComponent(parsing.id)}/sr.dcm`;
+      sr.download = stem + "_sr.dcm";
+    }
+    show(sr, Boolean(parsing && parsing.sr_available));
+    show($("sr-hint"), Boolean(parsing && !parsing.sr_available));
+    this.buttons();
+  },
+
+  // the canvas covers exactly the photo as shown (the image scales with the page)
+  fit() {
+    const img = $("original-img");
+    const canvas = $("lesion-canvas");
+    canvas.style.width = img.clientWidth + "px";
+    canvas.style.height = img.clientHeight + "px";
+  },
+
+  buttons() {
+    $("undo-stroke").disabled = !this.strokes.length;
+    $("clear-lesion").disabled = !this.strokes.length;
+  },
+
+  point(e) {
+    const canvas = $("lesion-canvas");
+    const rect = canvas.getBoundingClientRect();
+    return [(e.clientX - rect.left) * canvas.width / rect.width, (e.clientY - rect.top) * canvas.height / rect.height];
+  },
+
+  down(e) {
+    if (!this.parsingId || (e.pointerType === "mouse" && e.button !== 0)) return;
+    e.preventDefault();
+    const canvas = $("lesion-canvas");
+    canvas.setPointerCapture(e.pointerId);
+    const scale = canvas.width / canvas.getBoundingClientRect().width;  // brush size is in screen pixels
+    this.current = { erase: $("tool-erase").checked, width: Number($("brush-size").value) * scale,
+                     points: [this.point(e)] };
+    this.strokes.push(this.current);
+    this.draw(this.current, 0);
+  },
+
+  move(e) {
+    if (!this.current) return;
+    e.preventDefault();
+    this.current.points.push(this.point(e));
+    this.draw(this.current, this.current.points.length - 2);
+  },
+
+  up(e) {
+    if (!this.current) return;
+    e.preventDefault();
+    this.current = null;
+    this.changed();
+  },
+
+  // one stroke from point `from` on (0: the whole stroke, with its round start)
+  draw(stroke, from) {
+    const ctx = $("lesion-canvas").getContext("2d");
+    ctx.save();
+    ctx.globalCompositeOperation = stroke.erase ? "destination-out" : "source-over";
+    ctx.strokeStyle = ctx.fillStyle = "rgb(255, 0, 90)";
+    ctx.lineWidth = stroke.width;
+    ctx.lineCap = ctx.lineJoin = "round";
+    const pts = stroke.points;
+    if (from === 0) {
+      ctx.beginPath();
+      ctx.arc(pts[0][0], pts[0][1], stroke.width / 2, 0, 2 * Math.PI);
+      ctx.fill();
+    }
+    if (pts.length > 1) {
+      ctx.beginPath();
+      ctx.moveTo(pts[Math.max(from, 0)][0], pts[Math.max(from, 0)][1]);
+      for (let i = Math.max(from, 0) + 1; i < pts.length; i++) ctx.lineTo(pts[i][0], pts[i][1]);
+      ctx.stroke();
+    }
+    ctx.restore();
+  },
+
+  redraw() {
+    const canvas = $("lesion-canvas");
+    canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+    for (const stroke of this.strokes) this.draw(stroke, 0);
+  },
+
+  // the mask as a PNG at the photo's size: white where painted (alpha at least half), black elsewhere
+  maskBlob() {
+    const canvas = $("lesion-canvas");
+    const painted = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+    const mask = new ImageData(canvas.width, canvas.height);
+    const out = mask.data;
+    for (let i = 0; i < painted.length; i += 4) {
+      const v = painted[i + 3] >= 128 ? 255 : 0;
+      out[i] = out[i + 1] = out[i + 2] = v;
+      out[i + 3] = 255;
+    }
+    const offscreen = document.createElement("canvas");
+    offscreen.width = canvas.width;
+    offscreen.height = canvas.height;
+    offscreen.getContext("2d").putImageData(mask, 0, 0);
+    return new Promise((resolve) => offscreen.toBlob(resolve, "image/png"));
+  },
+
+  changed() {
+    this.seq += 1;
+    this.buttons();
+    this.send();
+  },
+
+  // One request at a time; changes made meanwhile are sent together when it returns.
+  async send() {
+    if (!this.parsingId) return;
+    if (this.inFlight) { this.dirty = true; return; }
+    this.inFlight = true;
+    const section = $("lesion");
+    section.dataset.pending = "true";
+    try {
+      do {
+        this.dirty = false;
+        const seq = this.seq;
+        const parsingId = this.parsingId;
+        const png = await (await this.maskBlob()).arrayBuffer();  // bytes, not a Blob: devtools see the body
+        const params = new URLSearchParams({ tbsa_method: $("tbsa-method").value });
+        if ($("lesion-view").value) params.set("view", $("lesion-view").value);
+        if ($("lesion-age").value !== "" && $("lesion-age").validity.valid) params.set("age_years", $("lesion-age").value);
+        const { body } = await fetchJSON(`/api/v1/parsings/${encodeURIComponent(parsingId)}/lesion?${params}`,
+                                         { method: "POST", headers: { "Content-Type": "image/png" }, body: png });
+        if (parsingId !== this.parsingId) return;  // another photo was parsed meanwhile
+        if (seq === this.seq) {
+          this.render(body);
+          section.dataset.shown = String(seq);
+        }
+        this.error("");
+      } while (this.dirty);
+    } catch (err) {
+      this.error(err.message);
+    } finally {
+      this.inFlight = false;
+      section.dataset.pending = "false";
+    }
+  },
+
+  error(message) {
+    const box = $("lesion-error");
+    box.textContent = message;
+    show(box, Boolean(message));
+  },
+
+  render(answer) {
+    const body = $("lesion-body");
+    body.replaceChildren();
+    const hit = answer.lesion.filter((r) => r.lesion_pixels > 0);
+    for (const region of hit) {
+      const row = document.createElement("tr");
+      const swatchCell = cell(row, "");
+      const swatch = document.createElement("span");
+      swatch.className = "swatch";
+      const rgb = parsePage.classColors && parsePage.classColors[region.class_index];
+      if (rgb) swatch.style.background = `rgb(${rgb[0]}, ${rgb[1]}, ${rgb[2]})`;
+      swatchCell.appendChild(swatch);
+      cell(row, region.label);
+      cell(row, region.region_pixels.toLocaleString("en-US"), "num");
+      cell(row, region.lesion_pixels.toLocaleString("en-US"), "num");
+      cell(row, region.lesion_percent.toFixed(2) + " %", "num");
+      body.appendChild(row);
+    }
+    if (!hit.length) {
+      const row = document.createElement("tr");
+      cell(row, answer.lesion_mask.lesion_pixels ? "The lesion covers no body region." : "No lesion painted.").colSpan = 5;
+      body.appendChild(row);
+    }
+    this.renderTbsa(answer.tbsa);
+  },
+
+  renderTbsa(tbsa) {
+    $("tbsa-percent").textContent = tbsa ? tbsa.percent.toFixed(2) + " %" : "–";
+    $("tbsa-visible").textContent = tbsa ? `of the body surface; ${tbsa.visible_percent.toFixed(1)} % of it ` +
+      "was seen as skin in this photo" : "";
+    $("tbsa-detail").textContent = tbsa ? `${tbsa.method} chart, age group ${tbsa.age_group}, ${tbsa.view} view` : "";
+    const list = $("tbsa-warnings");
+    list.replaceChildren();
+    for (const warning of tbsa ? tbsa.warnings : []) {
+      const item = document.createElement("li");
+      item.textContent = warning;
+      list.appendChild(item);
+    }
+    $("tbsa-note").textContent = tbsa ? tbsa.note.charAt(0).toUpperCase() + tbsa.note.slice(1) + "." : "";
   },
 };
 
@@ -383,6 +624,6 @@ document.addEventListener("DOMContentLoaded", () => {
   refreshReadiness();
   setInterval(refreshReadiness, READY_REFRESH_MS);
   const page = document.body.dataset.page;
-  if (page === "parse") parsePage.init();
+  if (page === "parse") { lesionPainter.init(); parsePage.init(); }
   if (page === "dashboard") dashboard.init();
 });
