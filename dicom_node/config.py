@@ -441,6 +441,51 @@ class RetentionSettings(_Section):
     interval_s: float = Field(default=300.0, gt=0, description="how often the cleaner runs")
 
 
+class LesionSettings(_Section):
+    """Lesion masks over DICOM: a Segmentation (PS3.3 A.51) of a received photo, joined with its parsing.
+
+    A SEG is a lesion mask when one of its segments matches (Segment Description macro, PS3.3
+    C.8.20.2): its Segment Label matches ``segment_label_pattern``, or its Segmented Property
+    Category or Type is one of ``property_codes`` ("SCHEME:VALUE"), or, with
+    ``series_description_pattern`` set, its Series Description matches (then all its segments
+    count). Defaults: SCT 49755003 Morphologically abnormal structure (the CID 7150 category of
+    lesions), SCT 52988006 Lesion, SCT 56208002 Ulcer. Only the matching segments make the mask.
+    """
+
+    enabled: bool = Field(default=True, description="negotiate Segmentation Storage and join lesion SEGs")
+    segment_label_pattern: str | None = Field(default=r"(?i)lesion|burn|wound|ulcer",
+                                              description="regex searched in each Segment Label (0062,0005)")
+    property_codes: list[str] = Field(
+        default_factory=lambda: ["SCT:49755003", "SCT:52988006", "SCT:56208002"],
+        description="SCHEME:VALUE codes; a segment whose property category or type is one is a lesion")
+    series_description_pattern: str | None = Field(
+        default=None, description="regex: a SEG whose Series Description matches is a lesion mask as a whole")
+    wait_for_photo_h: float = Field(default=24.0, gt=0,
+                                    description="a lesion SEG whose photo has not been parsed by then fails")
+    other_segmentations: Literal["ignore", "refuse"] = Field(
+        default="ignore",
+        description="a SEG that is not a lesion mask: ignore (0x0000, nothing kept) or refuse (0xC000)")
+
+    @field_validator("segment_label_pattern", "series_description_pattern")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression: {exc}") from None
+        return value
+
+    @field_validator("property_codes")
+    @classmethod
+    def _codes(cls, values: list[str]) -> list[str]:
+        for value in values:
+            scheme, _, code = value.partition(":")
+            if not scheme.strip() or not code.strip():
+                raise ValueError(f"{value!r} is not SCHEME:VALUE (e.g. SCT:52988006)")
+        return values
+
+
 class TlsSettings(_Section):
     """DICOM TLS on the receiving side (PS3.15 Annex B.9: TLS 1.2+, BCP 195 cipher suites)."""
 
@@ -626,6 +671,7 @@ class NodeConfig(BaseSettings):
     results: ResultsSettings = Field(default_factory=ResultsSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    lesion: LesionSettings = Field(default_factory=LesionSettings)
     tls: TlsSettings = Field(default_factory=TlsSettings)
 
     @field_validator("ae_title")

@@ -89,6 +89,7 @@ def worker_setup(config: NodeConfig) -> WorkerSetup:
         limits=config.intake.decode_limits(),
         labels=config.results.encode_options(),
         log_format=config.log_format,
+        lesion=config.lesion,
     )
 
 
@@ -125,7 +126,7 @@ class Node:
         health = self.health = Health(config.health_path, config.worker.not_ready_log_interval_s, waiting)
         doorbells = new_doorbells()
         # one way to accept a photo, whichever door it comes in by: C-STORE here, STOW-RS on the HTTP port
-        acceptor = Acceptor(config.intake, store, self.spool, metrics, doorbells.photo_received)
+        acceptor = Acceptor(config.intake, store, self.spool, metrics, doorbells.photo_received, config.lesion)
         intake = self.intake = IntakeSCP(config.listener, config.intake, config.peers, store, self.spool, metrics,
                                          doorbells.photo_received, acceptor=acceptor)
         metrics.count_open_associations(lambda: intake.open_associations)

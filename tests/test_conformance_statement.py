@@ -56,7 +56,7 @@ from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_node.config import ConfigError, DispatchSettings, IntakeSettings, NodeConfig
+from dicom_node.config import ConfigError, DispatchSettings, IntakeSettings, LesionSettings, NodeConfig
 from dicom_node.decode.photo import photo_from_dataset
 from dicom_node.dispatch.scu import Peer, echo, store_files
 from dicom_node.encode.options import EncodeOptions
@@ -172,7 +172,7 @@ def start_intake(tmp_path: Path) -> Iterator:
         store = SqliteJobStore(config.job_db_path)
         spool = LocalSpool(config.data_dir)
         spool.prepare()
-        acceptor = Acceptor(config.intake, store, spool, NullMetrics(), new_doorbells().photo_received)
+        acceptor = Acceptor(config.intake, store, spool, NullMetrics(), new_doorbells().photo_received, config.lesion)
         scp = IntakeSCP(config.listener, config.intake, config.peers, store, spool, NullMetrics(),
                         acceptor.photo_received, acceptor)
         scp.start()
@@ -289,14 +289,15 @@ def test_the_configurable_classes_are_table_2_2_1_3_2(start_intake, tmp_path: Pa
     tables = load_statement()
     configurable = [row["Abstract Syntax UID"] for row in tables[CONFIGURABLE_TABLE]]
     defaults = {row["Abstract Syntax UID"] for row in tables[CONFIGURABLE_TABLE] if row["Default"] == "Yes"}
-    assert defaults == {p[0] for p in pairs(tables[SCP_TABLE])} - {VERIFICATION}, \
-        "Table 2.2.1.3-2's defaults are not the storage classes of Table 2.2.1.3-1"
-    default_syntaxes = {t for a, t in pairs(tables[SCP_TABLE]) if a != VERIFICATION}
-    verification = {p for p in pairs(tables[SCP_TABLE]) if p[0] == VERIFICATION}
+    assert defaults == {p[0] for p in pairs(tables[SCP_TABLE])} - {VERIFICATION, SegmentationStorage}, \
+        "Table 2.2.1.3-2's defaults are not the photo storage classes of Table 2.2.1.3-1"
+    default_syntaxes = {t for a, t in pairs(tables[SCP_TABLE]) if a not in (VERIFICATION, SegmentationStorage)}
+    # lesion SEGs ([lesion] enabled by default) are negotiated beside whatever photo classes are configured
+    fixed = {p for p in pairs(tables[SCP_TABLE]) if p[0] in (VERIFICATION, SegmentationStorage)}
 
     running = start_intake(intake_config(tmp_path, configurable))
     accepted, _ = negotiated(running.scp.port, candidate_pairs(set(configurable)))
-    expected = {(c, t) for c in configurable for t in default_syntaxes} | verification
+    expected = {(c, t) for c in configurable for t in default_syntaxes} | fixed
     assert discrepancies(expected, accepted, "negotiated with every configurable class") == []
 
     for sop_class in sorted(set(CANDIDATE_CLASSES) - set(configurable) - {VERIFICATION}):
@@ -320,7 +321,7 @@ def test_the_comparison_reports_a_class_added_in_process_and_a_row_that_is_not_t
     reported = discrepancies(documented, accepted, "negotiated by the intake SCP")
     assert reported and all("VL Endoscopic Image Storage" in line and "but not in the statement" in line
                             for line in reported)
-    assert len(reported) == len({t for a, t in documented if a != VERIFICATION})
+    assert len(reported) == len({t for a, t in documented if a not in (VERIFICATION, SegmentationStorage)})
 
     stow = discrepancies({p for p in documented if p[0] != VERIFICATION}, stow_accepted(running.acceptor, candidates),
                          "taken by STOW-RS")
@@ -454,3 +455,21 @@ def test_a_dermoscopic_photo_is_accepted_by_default_and_its_results_are_valid(
     accepted, _ = negotiated(only_vl.scp.port, [(DermoscopicPhotographyImageStorage, "1.2.840.10008.1.2.1")])
     assert (DermoscopicPhotographyImageStorage, "1.2.840.10008.1.2.1") not in accepted, \
         "a configuration without it refuses it"
+
+
+# --------------------------------------------------------------------------- lesion SEG input (issue 15)
+
+
+def test_segmentation_storage_is_negotiated_only_with_lesion_input(start_intake, tmp_path: Path) -> None:
+    """The statement's SEG rows hold for the default configuration (checked with the whole table above);
+    with ``[lesion] enabled = false`` the same SCP negotiates no SEG context and STOW-RS refuses SEGs
+    with 0122, so the rows are true only because lesion input is on."""
+    tables = load_statement()
+    seg_rows = {p for p in pairs(tables[SCP_TABLE]) if p[0] == SegmentationStorage}
+    assert seg_rows == {(SegmentationStorage, "1.2.840.10008.1.2.1"), (SegmentationStorage, "1.2.840.10008.1.2")}
+    config = intake_config(tmp_path).model_copy(update={"lesion": LesionSettings(enabled=False)})
+    running = start_intake(config)
+    candidates = [(SegmentationStorage, str(t)) for t in AllTransferSyntaxes]
+    accepted, _ = negotiated(running.scp.port, candidates)
+    assert not {p for p in accepted if p[0] == SegmentationStorage}
+    assert stow_accepted(running.acceptor, candidates) == set()

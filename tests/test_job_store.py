@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dicom_node.queue.job import JobState, NewJob, ResultObject
-from dicom_node.queue.sqlite_store import SqliteJobStore
+from dicom_node.queue.sqlite_store import SCHEMA_VERSION, SqliteJobStore
 from dicom_node.queue.store import JobNotFoundError, StaleJobError
 
 W1, W2, D1 = "n/worker-0-1/", "n/worker-1-1/", "n/dispatch-0/"
@@ -217,7 +217,8 @@ def test_a_version_1_store_is_migrated_in_place(tmp_path: Path) -> None:
         again = store.get(job.id)
         assert again.sop_instance_uid == "1.2.3.9" and again.files_purged_at is None
         with sqlite3.connect(path) as check:
-            assert check.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "2"
+            version = check.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+            assert version == str(SCHEMA_VERSION)
     finally:
         store.close()
 

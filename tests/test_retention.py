@@ -528,8 +528,11 @@ def test_a_running_node_deletes_a_delivered_jobs_files(small_model_dir: Path, tm
         assert purged.state == JobState.DONE and len(pacs.files()) == 3
         assert not node.spool.path(purged.photo_path).exists()
         assert not any(node.spool.path(r.path).exists() for r in purged.results)
+        kept_parsing = Path(node.spool.path(purged.results[0].path)).parent / "parsing.npz"
+        assert not kept_parsing.exists(), "the parsing kept for a lesion SEG is PHI too"
         text = node.metrics.render().decode()
-        assert metric(text, "dicom_node_retention_deleted_files_total", why="done_after_h") == 4
+        # the photo, its SEG, SC and SR, and the parsing kept for a later lesion SEG (issue 15)
+        assert metric(text, "dicom_node_retention_deleted_files_total", why="done_after_h") == 5
     finally:
         node.stop()
         pacs.stop()

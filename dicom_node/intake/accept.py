@@ -12,6 +12,16 @@ same steps for both, in this order:
 4. the disk watermark (:mod:`dicom_node.intake.watermark`), before anything is written;
 5. the spool write (atomic, fsynced) and the job commit, then the workers' doorbell.
 
+A Segmentation (PS3.3 A.51; taken only with ``[lesion] enabled``) goes the same way, with one more
+step after the header checks: its header says whether it is a lesion mask of one photo
+(:func:`dicom_node.decode.lesion_seg.classify_segmentation`). A lesion mask becomes a *lesion job*
+waiting for that photo's parsing. Any other SEG (a viewer's organ contours, our own body-part SEG
+sent back) is, per ``lesion.other_segmentations``, either acknowledged and dropped ("ignore":
+0x0000, nothing kept, ``event=intake.segmentation_ignored``) or refused with 0xC000 *cannot
+understand* (PS3.4 B.2.3: the node cannot process it; not 0xA700, which would make the sender
+retry forever, nor 0xA900, since the data set does match its SOP class). A lesion SEG that does
+not name exactly one source image is refused the same way: no job could ever join it.
+
 The answer is an :class:`Outcome` holding a DICOM status: the SCP returns it in the C-STORE response
 (PS3.4 B.2.3), the STOW-RS route reports it as the instance's Failure Reason (PS3.18 Annex I). Success
 means the photo is spooled and its job committed; whatever prevents that is 0xA700 (out of
@@ -28,14 +38,15 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
-from dicom_node.config import IntakeSettings
+from dicom_node.config import IntakeSettings, LesionSettings
+from dicom_node.decode.lesion_seg import SEG_TRANSFER_SYNTAXES, SEGMENTATION_SOP_CLASS, classify_segmentation
 from dicom_node.intake.checks import ReceivedStore, Refusal, check_store, error_comment, uid_problem
 from dicom_node.intake.watermark import MB, DiskWatermark
 from dicom_node.logs import fields
 from dicom_node.monitor.metrics import SOURCE_DICOM, StageMetrics
 from dicom_node.net import status
 from dicom_node.queue.doorbell import Doorbell
-from dicom_node.queue.job import NewJob
+from dicom_node.queue.job import JobKind, NewJob
 from dicom_node.queue.store import JobStore
 from dicom_node.spool.base import Spool
 
@@ -112,11 +123,17 @@ class Acceptor:
     spool: Spool
     metrics: StageMetrics
     photo_received: Doorbell  # rung for every new job (the workers wait on it)
+    lesion: LesionSettings | None = None  # lesion SEG input; None or not enabled: no SEG is taken
     # the disk the spool writes to, held above intake.min_free_disk_mb (read by /readyz too)
     watermark: DiskWatermark = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.watermark = DiskWatermark.from_settings(self.spool.path(""), self.settings)
+
+    @property
+    def lesion_input(self) -> bool:
+        """Whether Segmentation Storage is taken (negotiated by the SCP, accepted over STOW-RS)."""
+        return self.lesion is not None and self.lesion.enabled
 
     @property
     def max_object_bytes(self) -> int:
@@ -143,6 +160,12 @@ class Acceptor:
                 refusal = None
         if refusal is not None:
             return self.refuse(received, refusal)
+        kind, source_uid = JobKind.PHOTO, None
+        if received.sop_class_uid == SEGMENTATION_SOP_CLASS:
+            seg = self._segmentation(received)
+            if isinstance(seg, Outcome):
+                return seg
+            kind, source_uid = JobKind.LESION, seg
 
         uid = received.sop_instance_uid
         try:
@@ -175,6 +198,8 @@ class Acceptor:
                 calling_ae=received.calling_ae,
                 calling_host=received.calling_host,
                 photo_path=relative,
+                kind=kind,
+                source_uid=source_uid,
             )
             try:
                 job, created = self.store.add_received(new)
@@ -205,12 +230,52 @@ class Acceptor:
 
     # ------------------------------------------------------------------ internals
 
+    def _segmentation(self, received: Received) -> str | Outcome:
+        """A SEG that passed the header checks: the photo it is a lesion mask of, or the outcome for
+        one that is not (ignored or refused, per ``lesion.other_segmentations``)."""
+        assert self.lesion is not None  # negotiated (or taken over STOW-RS) only with lesion input on
+        try:
+            received.data_set.seek(0)
+            header = dcmread_header(received.data_set, received.transfer_syntax)
+            found = classify_segmentation(header, self.lesion)
+        except Exception as exc:  # the checks read it already; what is left is an unreadable sequence
+            return self.refuse(received, Refusal(status.CANNOT_UNDERSTAND, "unreadable_segmentation",
+                                                 "the SEG's segment descriptions cannot be read",
+                                                 f"SEG header: {type(exc).__name__}: {exc}"))
+        finally:
+            received.data_set.seek(0)
+        if not found.is_lesion:
+            if self.lesion.other_segmentations == "refuse":
+                return self.refuse(received, Refusal(
+                    status.CANNOT_UNDERSTAND, "not_a_lesion_mask", "SEG is not a lesion mask; not taken here",
+                    f"SEG is not a lesion mask ({found.why}); lesion.other_segmentations = refuse"))
+            log.info(fields(event="intake.segmentation_ignored", sop=received.sop_instance_uid,
+                            calling_ae=received.calling_ae, reason=found.why,
+                            source=None if received.source == SOURCE_DICOM else received.source))
+            self.metrics.received(received.source)
+            return Outcome(status.SUCCESS, received.sop_class_uid, received.sop_instance_uid)
+        if found.photo_uid is None:
+            return self.refuse(received, Refusal(
+                status.CANNOT_UNDERSTAND, "lesion_seg_without_photo", "lesion SEG must reference one source image",
+                "lesion SEG references no source image or several (Derivation Image / Source Image / "
+                "Referenced Series Sequence): it cannot be joined with one photo"))
+        log.info(fields(event="intake.lesion_seg", sop=received.sop_instance_uid, photo=found.photo_uid,
+                        segments=",".join(map(str, found.segments)), rule=found.why))
+        return found.photo_uid
+
     def _not_accepted(self, received: Received) -> Refusal | None:
         """A SOP class or transfer syntax the node does not take. A C-STORE never gets here with one
         (its presentation context was negotiated); a STOW-RS instance can, and is refused with the
         Failure Reasons PS3.18 Annex I (Table I.2-2) gives for them."""
         settings = self.settings
         sop_class = received.declared_sop_class
+        if sop_class == SEGMENTATION_SOP_CLASS and self.lesion_input:
+            syntax = received.transfer_syntax
+            if uid_problem(syntax) is None and syntax not in SEG_TRANSFER_SYNTAXES:
+                return Refusal(status.TRANSFER_SYNTAX_NOT_SUPPORTED, "transfer_syntax_not_accepted",
+                               "transfer syntax not accepted here",
+                               f"a SEG is taken in {', '.join(UID(t).name for t in SEG_TRANSFER_SYNTAXES)} only")
+            return None
         if uid_problem(sop_class) is None and sop_class not in settings.accepted_sop_classes:
             return Refusal(status.SOP_CLASS_NOT_SUPPORTED, "sop_class_not_accepted", "SOP class not accepted here",
                            f"SOP class {sop_class} ({UID(sop_class).name}) is not in intake.accepted_sop_classes")
@@ -234,6 +299,15 @@ class Acceptor:
                          source=None if received.source == SOURCE_DICOM else received.source))
         return Outcome(status.OUT_OF_RESOURCES, received.sop_class_uid, received.sop_instance_uid,
                        comment=f"{what}, send again later")
+
+
+def dcmread_header(data_set: BytesIO, transfer_syntax: str) -> Dataset:
+    """The data set's elements before Pixel Data, read from the received bytes (no File Meta there)."""
+    from pydicom.filereader import read_dataset
+
+    syntax = UID(transfer_syntax)
+    return read_dataset(data_set, syntax.is_implicit_VR, syntax.is_little_endian,
+                        stop_when=lambda tag, vr, length: tag == 0x7FE00010)
 
 
 def _file_meta(received: Received) -> FileMetaDataset:

@@ -4,7 +4,8 @@ What it promises a PACS:
 
 * Only configured callers get an association (AE title, optionally pinned to a host and, over
   DICOM TLS, to a client certificate subject); only the accepted SOP classes are negotiated, in
-  the transfer syntaxes the decoder reads.
+  the transfer syntaxes the decoder reads, and Segmentation Storage (lesion masks) in Explicit and
+  Implicit VR Little Endian when ``[lesion] enabled``.
 * With ``[tls] enabled`` a second listener speaks DICOM TLS (PS3.15 Annex B.9, port 2762 by
   convention) to the same AE and handlers; a failed handshake is one log line, and SIGHUP
   (:meth:`IntakeSCP.reload_tls`) swaps in renewed certificates without dropping associations.
@@ -36,6 +37,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # m
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import IntakeSettings, Listener, Peers
+from dicom_node.decode.lesion_seg import SEG_TRANSFER_SYNTAXES, SEGMENTATION_SOP_CLASS
 from dicom_node.intake.accept import Acceptor, Received
 from dicom_node.intake.checks import ReceiveGuard
 from dicom_node.intake.watermark import MB, DiskWatermark
@@ -104,6 +106,10 @@ class IntakeSCP:
         ae.add_supported_context(Verification)
         for sop_class in intake.accepted_sop_classes:
             ae.add_supported_context(sop_class, intake.accepted_transfer_syntaxes)
+        if self._acceptor.lesion_input:
+            # Lesion masks (issue 15): Segmentation Storage only when [lesion] is enabled, and only in
+            # the uncompressed syntaxes its reader takes (see dicom_node.decode.lesion_seg).
+            ae.add_supported_context(SEGMENTATION_SOP_CLASS, list(SEG_TRANSFER_SYNTAXES))
         return ae
 
     # ------------------------------------------------------------------ life cycle

@@ -32,8 +32,9 @@ from dicom_node.encode.options import EncodeOptions
 from dicom_node.encode.results import encode_results
 from dicom_node.logs import fields
 from dicom_node.parse.engine import HumanParser
+from dicom_node.pipeline.lesion import LesionJoin, LesionJoinError, save_parsing
 from dicom_node.pipeline.routing import Router, RoutingError
-from dicom_node.queue.job import Job, JobState, ResultKind, ResultObject
+from dicom_node.queue.job import Job, JobKind, JobState, ResultKind, ResultObject
 from dicom_node.queue.store import JobStore, JobStoreUnavailableError, StaleJobError
 from dicom_node.spool.base import Spool
 
@@ -90,6 +91,7 @@ class PhotoProcessor:
     max_attempts: int
     transient_retry_delay_s: float = TRANSIENT_RETRY_DELAY_S
     wait_or_stop: Callable[[float], bool] = pause_never_stopped
+    lesion: LesionJoin | None = None  # joins lesion jobs (issue 15); None: a lesion job fails with a reason
 
     def run(self, job: Job) -> Job | None:
         """Process one claimed job to DISPATCHING, DONE or FAILED (or back to RECEIVED); never raises
@@ -167,7 +169,30 @@ class PhotoProcessor:
         except Exception as exc:
             raise JobFailure(f"cannot read the received object: {type(exc).__name__}: {exc}") from exc
 
+    def _run_lesion(self, job: Job) -> Job:
+        """A lesion job: the photo's kept parsing and the received SEG make the lesion SR, which goes
+        where the photo's results went (see :mod:`dicom_node.pipeline.lesion`)."""
+        if self.lesion is None:
+            raise JobFailure("lesion input is disabled ([lesion] enabled = false)")
+        try:
+            photo_job, sr = self.lesion.build(job)
+        except LesionJoinError as exc:
+            raise JobFailure(exc.reason) from exc
+        except MemoryError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise JobFailure(f"building the lesion SR failed: {type(exc).__name__}: {exc}") from exc
+        self.store.set_route(job.id, self.owner, photo_job.rule, photo_job.destinations)
+        self.store.advance(job.id, self.owner, JobState.ENCODING)
+        relative = self.spool.write_result(job.id, ResultKind.SR, sr)
+        result = ResultObject(kind=ResultKind.SR, sop_class_uid=str(sr.SOPClassUID),
+                              sop_instance_uid=str(sr.SOPInstanceUID),
+                              transfer_syntax_uid=str(sr.file_meta.TransferSyntaxUID), path=relative)
+        return self.store.finish_encoding(job.id, self.owner, [result], None)
+
     def _run(self, job: Job) -> Job:
+        if job.kind == JobKind.LESION:
+            return self._run_lesion(job)
         t0 = time.perf_counter()
         ds = self._read(job)
         try:
@@ -216,6 +241,7 @@ class PhotoProcessor:
                 transfer_syntax_uid=str(dataset.file_meta.TransferSyntaxUID),
                 path=relative,
             ))
+        save_parsing(self.spool, results, result)  # what a lesion SEG of this photo is joined with
         t4 = time.perf_counter()
         parse_s = float(result.timings_s.get("total", t2 - t1))
         done = self.store.finish_encoding(job.id, self.owner, results, parse_s)

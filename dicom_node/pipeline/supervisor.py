@@ -39,6 +39,7 @@ from dicom_node.logs import fields
 from dicom_node.model.presence import Signature, model_signature, no_model_message
 from dicom_node.monitor.health import Health
 from dicom_node.monitor.metrics import StageMetrics
+from dicom_node.pipeline.lesion import expire_waiting
 from dicom_node.pipeline.worker import EXIT_MODEL_UNAVAILABLE, MessageKind, WorkerMessage, WorkerSetup, worker_main
 from dicom_node.queue.doorbell import Doorbells, join_ringing
 from dicom_node.queue.job import PROCESSING_STATES, Job
@@ -301,12 +302,29 @@ class WorkerPool:
                             after_s=f"{time.monotonic() - pending.since:.1f}"))
         self._release_outage = False
 
+    def _expire_lesion_jobs(self) -> None:
+        """Fail lesion jobs that waited for their photo longer than ``lesion.wait_for_photo_h``
+        (issue 15): part of the sweep, because nothing else looks at a job nobody can claim."""
+        lesion = self.setup.lesion
+        if lesion is None or not lesion.enabled:
+            return
+        try:
+            failed = expire_waiting(self.store, lesion)
+        except Exception as exc:  # the next sweep tries again
+            log.warning(fields(event="lesion.expiry_failed", reason=f"{type(exc).__name__}: {exc}"))
+            return
+        for job in failed:
+            log.warning(fields(event="lesion.photo_never_came", job=job.id, sop=job.sop_instance_uid,
+                               photo=job.source_uid, reason=job.reason))
+
     def _sweep(self) -> None:
         """Release processing jobs held by this node's workers that are no longer a live slot's
         current owner. A slot whose process is not yet reaped still counts as live: its death is
-        recorded (and its jobs released) by :meth:`_check_slot`."""
+        recorded (and its jobs released) by :meth:`_check_slot`. Then fail lesion jobs whose
+        photo did not come in time."""
         if self._stopping.is_set():
             return
+        self._expire_lesion_jobs()
         live = {slot.owner for slot in self._slots if slot.process is not None}
         try:
             held = self.store.held_jobs(node_owners(self.node_id), PROCESSING_STATES)

@@ -24,7 +24,7 @@ from enum import StrEnum
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from dicom_node.config import WorkerSettings
+from dicom_node.config import LesionSettings, WorkerSettings
 from dicom_node.decode.supported import DecodeLimits
 from dicom_node.encode.options import EncodeOptions
 from dicom_node.lifetime import die_with_parent
@@ -55,6 +55,7 @@ class WorkerSetup:
     limits: DecodeLimits
     labels: EncodeOptions
     log_format: str = "text"  # the node's: a shipper reading its JSON lines gets no text line from a worker
+    lesion: LesionSettings | None = None  # lesion SEG jobs (issue 15); None or disabled: they fail
 
 
 class MessageKind(StrEnum):
@@ -103,6 +104,7 @@ def worker_main(setup: WorkerSetup, slot: int, owner: str, messages: Connection,
         sys.exit(EXIT_STOPPED)
 
     from dicom_node.parse.engine import HumanParser
+    from dicom_node.pipeline.lesion import LesionJoin
     from dicom_node.pipeline.processor import PhotoProcessor
     from dicom_node.queue.factory import open_job_store
     from dicom_node.queue.job import JobState
@@ -125,8 +127,11 @@ def worker_main(setup: WorkerSetup, slot: int, owner: str, messages: Connection,
         return stop.poll(pause_s) or os.getppid() != parent_pid
 
     store = open_job_store(setup.job_db_path)
-    processor = PhotoProcessor(store, LocalSpool(setup.data_dir), parser, owner, setup.router, setup.limits,
-                               setup.labels, setup.settings.max_attempts, wait_or_stop=told_to_stop)
+    spool = LocalSpool(setup.data_dir)
+    lesion = (LesionJoin(store, spool, setup.lesion, setup.labels)
+              if setup.lesion is not None and setup.lesion.enabled else None)
+    processor = PhotoProcessor(store, spool, parser, owner, setup.router, setup.limits,
+                               setup.labels, setup.settings.max_attempts, wait_or_stop=told_to_stop, lesion=lesion)
     poll_s = setup.settings.poll_interval_s
     idle = IdleWait(doorbells.photo_received, poll_s)
     claim_failing_since: float | None = None  # an outage of the store is logged once, and its end

@@ -8,6 +8,12 @@ State flow (PS: one photo in, three result objects out)::
 
     received -> parsing -> encoding -> dispatching -> done
          \\________\\__________\\____________\\-------> failed   (reason set; `jobs retry` re-opens)
+
+A *lesion* job (``kind = lesion``, issue 15) is a received lesion Segmentation of a photo
+(``source_uid``). It takes the same states; it stays ``received`` until its photo's parsing is
+there (the photo's job has reached dispatching or done with a parse), is then claimed like any job,
+and ends with one result: the lesion SR. ``received`` longer than ``lesion.wait_for_photo_h``:
+``failed``, with the reason.
 """
 
 from __future__ import annotations
@@ -30,6 +36,13 @@ PROCESSING_STATES: frozenset[JobState] = frozenset({JobState.PARSING, JobState.E
 FINAL_STATES: frozenset[JobState] = frozenset({JobState.DONE, JobState.FAILED})
 
 
+class JobKind(StrEnum):
+    """What a job was made from."""
+
+    PHOTO = "photo"  # a received photo: parse, then SEG, SC and SR
+    LESION = "lesion"  # a received lesion SEG of a photo: joined with the photo's parsing, then an SR
+
+
 @dataclass(frozen=True)
 class NewJob:
     """What intake knows when it commits a received photo."""
@@ -39,7 +52,9 @@ class NewJob:
     transfer_syntax_uid: str
     calling_ae: str
     calling_host: str
-    photo_path: str  # relative to the data directory
+    photo_path: str  # relative to the data directory (for a lesion job: the received SEG)
+    kind: JobKind = JobKind.PHOTO
+    source_uid: str | None = None  # a lesion job's photo (SOP Instance UID)
 
 
 class ResultKind(StrEnum):
@@ -85,6 +100,8 @@ class Job:
     files_purged_at: float | None = None  # when retention deleted its photo and results
     results: tuple[ResultObject, ...] = ()
     deliveries: frozenset[tuple[str, str]] = field(default_factory=frozenset)  # (destination, SOP Instance UID)
+    kind: JobKind = JobKind.PHOTO
+    source_uid: str | None = None  # a lesion job's photo (SOP Instance UID)
 
     def pending(self, destination: str) -> list[ResultObject]:
         """Result objects not yet delivered to ``destination``, in sending order."""

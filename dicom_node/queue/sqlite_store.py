@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sqlite3
 import threading
 import time
@@ -23,6 +24,7 @@ from dicom_node.queue.job import (
     PROCESSING_STATES,
     Job,
     JobEvent,
+    JobKind,
     JobState,
     NewJob,
     ResultKind,
@@ -32,7 +34,7 @@ from dicom_node.queue.store import JobNotFoundError, JobStore, JobStoreUnavailab
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_S = 30.0  # a writer waits this long for another process's transaction
 
 _SCHEMA = """
@@ -58,7 +60,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     received_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     dispatching_since REAL,
-    files_purged_at REAL
+    files_purged_at REAL,
+    kind TEXT NOT NULL DEFAULT 'photo',
+    source_uid TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, not_before, id);
 CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner);
@@ -93,7 +97,7 @@ CREATE INDEX IF NOT EXISTS job_events_by_job ON job_events (job_id, id);
 _JOB_COLUMNS = (
     "id, sop_instance_uid, sop_class_uid, transfer_syntax_uid, calling_ae, calling_host, photo_path, state, "
     "attempts, dispatch_attempts, not_before, owner, reason, destinations, rule, parse_s, received_at, updated_at, "
-    "dispatching_since, files_purged_at"
+    "dispatching_since, files_purged_at, kind, source_uid"
 )
 
 # Each step takes a store from version N to N + 1 (index N - 1); run in one transaction at open.
@@ -101,6 +105,20 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 1 -> 2: when dispatching began (the retry horizon), when the cleaner removed the files
     ("ALTER TABLE jobs ADD COLUMN dispatching_since REAL",
      "ALTER TABLE jobs ADD COLUMN files_purged_at REAL"),
+    # 2 -> 3: lesion SEG jobs (issue 15): what a job was made from, and a lesion job's photo
+    ("ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'photo'",
+     "ALTER TABLE jobs ADD COLUMN source_uid TEXT"),
+)
+# After the schema and its migrations: an index on a column a migration may just have added.
+_INDEXES = ("CREATE INDEX IF NOT EXISTS jobs_by_source ON jobs (source_uid) WHERE source_uid IS NOT NULL",)
+
+# A RECEIVED job may be claimed when it is a photo, or a lesion SEG whose photo has been parsed
+# and still has its files: the photo's job reached DISPATCHING or DONE with a parse (parse_s set by
+# finish_encoding; a photo no rule processes ends DONE without one) and retention has not purged it.
+_RUNNABLE = (
+    "(kind = 'photo' OR EXISTS (SELECT 1 FROM jobs AS photo WHERE photo.sop_instance_uid = jobs.source_uid "
+    "AND photo.kind = 'photo' AND photo.state IN ('dispatching', 'done') AND photo.parse_s IS NOT NULL "
+    "AND photo.files_purged_at IS NULL))"
 )
 
 
@@ -128,11 +146,17 @@ class SqliteJobStore(JobStore):
                 raise RuntimeError(f"{self.path} has job store schema {row[0]}, newer than this version reads "
                                    f"({SCHEMA_VERSION}): run the newer dicom-node, or restore a backup")
             elif int(row[0]) < SCHEMA_VERSION:
+                columns = {c[1] for c in db.execute("PRAGMA table_info(jobs)")}
                 for version in range(int(row[0]), SCHEMA_VERSION):
                     for statement in _MIGRATIONS[version - 1]:
+                        added = re.match(r"ALTER TABLE jobs ADD COLUMN (\w+)", statement)
+                        if added is not None and added.group(1) in columns:
+                            continue  # already there (a store downgraded by hand keeps later columns)
                         db.execute(statement)
                 db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
                 log.info("job store %s migrated from schema %s to %s", self.path, row[0], SCHEMA_VERSION)
+            for statement in _INDEXES:
+                db.execute(statement)
 
     # ------------------------------------------------------------------ connections
 
@@ -221,6 +245,8 @@ class SqliteJobStore(JobStore):
             files_purged_at=row[19],
             results=results,
             deliveries=deliveries,
+            kind=JobKind(row[20]),
+            source_uid=row[21],
         )
 
     def _load(self, db: sqlite3.Connection, job_id: int) -> Job:
@@ -266,10 +292,11 @@ class SqliteJobStore(JobStore):
         with self._write() as db:
             cursor = db.execute(
                 "INSERT INTO jobs (sop_instance_uid, sop_class_uid, transfer_syntax_uid, calling_ae, calling_host, "
-                "photo_path, state, received_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "photo_path, state, received_at, updated_at, kind, source_uid) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (sop_instance_uid) DO NOTHING",
                 (new.sop_instance_uid, new.sop_class_uid, new.transfer_syntax_uid, new.calling_ae, new.calling_host,
-                 new.photo_path, JobState.RECEIVED.value, now, now),
+                 new.photo_path, JobState.RECEIVED.value, now, now, JobKind(new.kind).value, new.source_uid),
             )
             created = cursor.rowcount == 1
             if created:
@@ -327,7 +354,7 @@ class SqliteJobStore(JobStore):
     def claim_for_processing(self, owner: str, now: float | None = None) -> Job | None:
         now = self._clock() if now is None else now
         query = ("SELECT id FROM jobs WHERE state = ? AND (not_before IS NULL OR not_before <= ?) "
-                 "ORDER BY id LIMIT 1")
+                 f"AND {_RUNNABLE} ORDER BY id LIMIT 1")
         args = (JobState.RECEIVED.value, now)
         # A lock-free look first: polling workers must not take the write lock intake needs.
         if self._connection().execute(query, args).fetchone() is None:
@@ -504,6 +531,30 @@ class SqliteJobStore(JobStore):
                 job = self._move(db, job, JobState.RECEIVED, reason, now, owner=None, lease_until=None,
                                  not_before=None, attempts=0, reason=reason)
         self.log_transition(job, JobState.FAILED, reason)
+        return job
+
+    # ------------------------------------------------------------------ lesion jobs
+
+    def waiting_lesion_jobs(self, waiting_since_before: float | None = None) -> list[Job]:
+        db = self._connection()
+        query = (f"SELECT {_JOB_COLUMNS} FROM jobs WHERE kind = ? AND state = ? AND NOT {_RUNNABLE}")
+        args: list[object] = [JobKind.LESION.value, JobState.RECEIVED.value]
+        if waiting_since_before is not None:
+            query += " AND updated_at <= ?"
+            args.append(waiting_since_before)
+        return [self._job(db, row) for row in db.execute(query + " ORDER BY id", args).fetchall()]
+
+    def fail_waiting(self, job_id: int, waiting_since_before: float, reason: str) -> Job | None:
+        now = self._clock()
+        with self._write() as db:
+            row = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ? AND kind = ? AND state = ? "
+                             f"AND updated_at <= ? AND NOT {_RUNNABLE}",
+                             (job_id, JobKind.LESION.value, JobState.RECEIVED.value, waiting_since_before)).fetchone()
+            if row is None:
+                return None
+            job = self._move(db, self._job(db, row), JobState.FAILED, reason, now, owner=None, lease_until=None,
+                             reason=reason)
+        self.log_transition(job, JobState.RECEIVED, reason)
         return job
 
     # ------------------------------------------------------------------ retention

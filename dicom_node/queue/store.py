@@ -168,6 +168,19 @@ class JobStore(ABC):
             ),
         )
 
+    # ------------------------------------------------------------------ lesion jobs (issue 15)
+
+    @abstractmethod
+    def waiting_lesion_jobs(self, waiting_since_before: float | None = None) -> list[Job]:
+        """RECEIVED lesion jobs whose photo's parsing is not (or no longer) there, optionally only
+        those waiting (unchanged) since ``waiting_since_before`` or longer; oldest first."""
+
+    @abstractmethod
+    def fail_waiting(self, job_id: int, waiting_since_before: float, reason: str) -> Job | None:
+        """-> FAILED with ``reason``, in one step, only while the lesion job still waits for its
+        photo since ``waiting_since_before`` (a photo parsed meanwhile makes it runnable instead).
+        Returns the failed job, or None when it no longer qualifies."""
+
     # ------------------------------------------------------------------ retention
 
     @abstractmethod

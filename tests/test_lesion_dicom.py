@@ -1,0 +1,211 @@
+"""Lesion masks over DICOM (issue 15), against real peers: dcmtk storescu -> node -> Orthanc.
+
+A lesion SEG is built here with highdicom from the photo (a rectangle); the node joins it with the
+photo's parsing whichever arrives first and sends a TID 1500 SR to Orthanc. Checked: the SR is
+dciodvfy-clean, references the photo, our body-part SEG and the lesion SEG, and its lesion area per
+region equals rectangle ∩ that region's segment of our SEG (read back from Orthanc with highdicom).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import ComprehensiveSRStorage, SegmentationStorage, generate_uid
+
+from dicom_node.encode.validate import run_dciodvfy
+from dicom_node.queue.job import JobKind, JobState
+from tests.node_fixtures import (
+    NODE_AET,
+    PACS_AET,
+    SCU_AET,
+    SECRET_PATIENT,
+    Orthanc,
+    assert_no_patient_data,
+    node_config,
+    read,
+    storescu,
+    uids_in,
+    wait_until,
+    write_photos,
+)
+from tests.photo_factory import make_vl_photo, synthetic_rgb, write_dataset
+
+BUDGET_S = 60.0
+ROWS, COLUMNS = 96, 128
+LESION_BOX = (slice(20, 70), slice(30, 100))  # rows, columns of the test's lesion rectangle
+LESION_AREA = "LESION-AREA"  # the SR's private code for the lesion area of a region
+
+
+def lesion_seg(photo: Dataset, *, label: str = "Burn lesion", lesion: bool = True) -> Dataset:
+    """A BINARY SEG of ``photo`` (the rectangle), as a viewer's segmentation tool makes one."""
+    mask = np.zeros((ROWS, COLUMNS), dtype=bool)
+    mask[LESION_BOX] = True
+    if lesion:
+        category, kind = codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Lesion
+    else:
+        category, kind = codes.SCT.AnatomicalStructure, codes.SCT.Skin
+    description = hd.seg.SegmentDescription(
+        segment_number=1, segment_label=label, segmented_property_category=category,
+        segmented_property_type=kind, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+    seg = hd.seg.Segmentation(
+        source_images=[photo], pixel_array=mask, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[description], series_instance_uid=generate_uid(), series_number=50,
+        sop_instance_uid=generate_uid(), instance_number=1, manufacturer="Viewer",
+        manufacturer_model_name="Seg tool", software_versions="1", device_serial_number="1",
+        series_description="Lesion outline" if lesion else "Skin")
+    return seg
+
+
+def send(datasets: list[Dataset], port: int, directory: Path) -> tuple[int, str]:
+    """dcmtk storescu to the node. ``-R``: propose only what the files need (storescu's default list of
+    storage classes has no Segmentation Storage; a PACS proposes it)."""
+    paths = [write_dataset(ds, directory / f"{ds.SOPInstanceUID}.dcm") for ds in datasets]
+    done = subprocess.run(["storescu", "-R", "-aet", SCU_AET, "-aec", NODE_AET, "-to", "20", "-ta", "20",
+                           "-td", "20", "127.0.0.1", str(port), *map(str, paths)],
+                          capture_output=True, text=True, timeout=60)
+    return done.returncode, done.stdout + done.stderr
+
+
+def instances(orthanc: Orthanc, photo: Dataset) -> dict[str, list[Dataset]]:
+    """The study's objects in Orthanc (the photo excluded), by SOP class."""
+    found: dict[str, list[Dataset]] = {}
+    for item in orthanc.study_instances(photo.StudyInstanceUID):
+        if item["MainDicomTags"]["SOPInstanceUID"] == photo.SOPInstanceUID:
+            continue
+        ds = read(orthanc.download(item["ID"]))
+        found.setdefault(str(ds.SOPClassUID), []).append(ds)
+    return found
+
+
+def lesion_sr(orthanc: Orthanc, photo: Dataset) -> Dataset | None:
+    for sr in instances(orthanc, photo).get(ComprehensiveSRStorage, []):
+        if any(str(c.ConceptNameCodeSequence[0].CodeValue) == LESION_AREA for c in _items(sr)):
+            return sr
+    return None
+
+
+def _items(ds: Dataset) -> list[Dataset]:
+    out: list[Dataset] = []
+    for item in ds.get("ContentSequence", None) or []:
+        out.append(item)
+        out += _items(item)
+    return out
+
+
+def lesion_area_by_segment(sr: Dataset) -> dict[int, float]:
+    """Each measurement group's lesion area NUM, keyed by the body-part SEG segment it references."""
+    areas: dict[int, float] = {}
+    for group in _items(sr):
+        children = list(group.get("ContentSequence", None) or [])
+        segment = [int(c.ReferencedSOPSequence[0].ReferencedSegmentNumber) for c in children
+                   if c.ValueType == "IMAGE" and "ReferencedSegmentNumber" in c.ReferencedSOPSequence[0]]
+        lesion = [float(c.MeasuredValueSequence[0].NumericValue) for c in children
+                  if c.ValueType == "NUM" and str(c.ConceptNameCodeSequence[0].CodeValue) == LESION_AREA]
+        if segment and lesion:
+            areas[segment[0]] = lesion[0]
+    return areas
+
+
+def check_lesion_sr(orthanc: Orthanc, photo: Dataset, seg_sent: Dataset, tmp_path: Path) -> None:
+    sr = wait_until(lambda: lesion_sr(orthanc, photo), BUDGET_S, f"the lesion SR of {photo.SOPInstanceUID}")
+    body_segs = instances(orthanc, photo)[SegmentationStorage]
+    assert len(body_segs) == 1, "our body-part SEG, once"
+    body = hd.seg.Segmentation.from_dataset(body_segs[0])
+    refs = uids_in(sr)
+    assert {photo.SOPInstanceUID, body.SOPInstanceUID, seg_sent.SOPInstanceUID} <= refs, \
+        "the SR references the photo, our SEG and the lesion SEG"
+    assert sr.StudyInstanceUID == photo.StudyInstanceUID
+    path = tmp_path / f"lesion-sr-{sr.SOPInstanceUID}.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    assert run_dciodvfy(path) == [], "dciodvfy on the lesion SR"
+
+    # expected: rectangle ∩ each part-class segment of our SEG (persons have no lesion rows)
+    rectangle = np.zeros((ROWS, COLUMNS), dtype=bool)
+    rectangle[LESION_BOX] = True
+    areas = lesion_area_by_segment(sr)
+    part_numbers = [n for n in body.segment_numbers
+                    if not str(body.get_segment_description(n).SegmentLabel).startswith("Person")]
+    assert part_numbers, "the parsing found body parts (else nothing could be compared)"
+    assert set(areas) == set(part_numbers), "one lesion area per body-part segment"
+    pixels = body.get_pixels_by_source_instance([photo.SOPInstanceUID], segment_numbers=part_numbers)[0]
+    for channel, number in enumerate(part_numbers):
+        assert areas[number] == int(np.count_nonzero(pixels[..., channel] & rectangle)), f"segment {number}"
+    assert sum(areas.values()) > 0, "the rectangle covers some body part"
+
+
+def test_a_lesion_seg_after_or_before_its_photo_gives_the_lesion_sr(
+        running_orthanc: Orthanc, node_factory, node_port: int, small_model_dir: Path, tmp_path: Path) -> None:
+    orthanc = running_orthanc
+    node = node_factory(node_config(tmp_path / "data", small_model_dir, node_port, orthanc.dicom_port,
+                                    worker={"runtime": "eager"}))
+    node.start()
+    first, second = (make_vl_photo(synthetic_rgb(ROWS, COLUMNS), **SECRET_PATIENT) for _ in range(2))
+
+    # after: the photo (routed by Orthanc to the node) is parsed and its results are in Orthanc first
+    assert storescu(write_photos([first], tmp_path / "in1"), orthanc.dicom_port, called_aet=PACS_AET).returncode == 0
+    wait_until(lambda: len(instances(orthanc, first)) >= 3, BUDGET_S, "the first photo's results")
+    seg_after = lesion_seg(first)
+    code, text = send([seg_after], node.port, tmp_path / "seg1")
+    assert code == 0, text
+
+    # before: the SEG comes first and waits; the photo follows
+    seg_before = lesion_seg(second)
+    code, text = send([seg_before], node.port, tmp_path / "seg2")
+    assert code == 0, text
+    waiting = {j.sop_instance_uid: j for j in node.jobs()}[seg_before.SOPInstanceUID]
+    assert waiting.kind == JobKind.LESION and waiting.state == JobState.RECEIVED
+    assert waiting.source_uid == second.SOPInstanceUID
+    assert storescu(write_photos([second], tmp_path / "in2"), orthanc.dicom_port, called_aet=PACS_AET).returncode == 0
+
+    check_lesion_sr(orthanc, first, seg_after, tmp_path)
+    check_lesion_sr(orthanc, second, seg_before, tmp_path)
+    jobs = node.wait_jobs_final(4, BUDGET_S)
+    assert all(j.state == JobState.DONE for j in jobs), [(j.id, j.state, j.reason) for j in jobs]
+    lesion_jobs = [j for j in jobs if j.kind == JobKind.LESION]
+    assert len(lesion_jobs) == 2 and all(j.destinations == ("pacs",) for j in lesion_jobs)
+
+    # a SEG that is not a lesion mask: ignored by default (acknowledged, nothing kept)
+    other = lesion_seg(first, label="Skin", lesion=False)
+    code, text = send([other], node.port, tmp_path / "other")
+    assert code == 0, text
+    assert other.SOPInstanceUID not in {j.sop_instance_uid for j in node.jobs()}
+    assert "event=intake.segmentation_ignored" in node.log_text()
+    assert node.stop() == 0
+    assert_no_patient_data(node.log_text())
+
+
+def test_a_lesion_seg_whose_photo_never_comes_fails_and_other_segs_are_refused(
+        running_orthanc: Orthanc, node_factory, node_port: int, small_model_dir: Path, tmp_path: Path) -> None:
+    node = node_factory(node_config(
+        tmp_path / "data", small_model_dir, node_port, running_orthanc.dicom_port,
+        worker={"runtime": "eager", "sweep_interval_s": 0.5},
+        lesion={"wait_for_photo_h": 0.0005, "other_segmentations": "refuse"}))
+    node.start()
+    never = make_vl_photo(synthetic_rgb(ROWS, COLUMNS), **SECRET_PATIENT)  # never sent
+    orphan = lesion_seg(never)
+    code, text = send([orphan], node.port, tmp_path / "orphan")
+    assert code == 0, text
+
+    def failed() -> object:
+        job = {j.sop_instance_uid: j for j in node.jobs()}[orphan.SOPInstanceUID]
+        return job if job.state == JobState.FAILED else None
+
+    job = wait_until(failed, 30, "the orphan lesion SEG's job to fail")
+    assert job.reason == f"no photo {never.SOPInstanceUID} arrived within 0.0005 h"
+    assert "event=lesion.photo_never_came" in node.log_text()
+
+    other = lesion_seg(never, label="Skin", lesion=False)
+    code, text = send([other], node.port, tmp_path / "other")
+    assert code != 0, "storescu exits non-zero on a refused C-STORE"
+    assert other.SOPInstanceUID not in {j.sop_instance_uid for j in node.jobs()}
+    refused = [line for line in node.log_text().splitlines()
+               if "event=intake.refused" in line and f"sop={other.SOPInstanceUID}" in line]
+    assert len(refused) == 1 and 'status="0xC000 (cannot understand)"' in refused[0], refused
+    assert "SEG is not a lesion mask" in refused[0]
+    assert node.stop() == 0
+    assert_no_patient_data(node.log_text())
