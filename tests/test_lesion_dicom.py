@@ -13,6 +13,7 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
+import pytest
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ComprehensiveSRStorage, SegmentationStorage, generate_uid
@@ -207,5 +208,110 @@ def test_a_lesion_seg_whose_photo_never_comes_fails_and_other_segs_are_refused(
                if "event=intake.refused" in line and f"sop={other.SOPInstanceUID}" in line]
     assert len(refused) == 1 and 'status="0xC000 (cannot understand)"' in refused[0], refused
     assert "SEG is not a lesion mask" in refused[0]
+    assert node.stop() == 0
+    assert_no_patient_data(node.log_text())
+
+
+# --------------------------------------------------------------------------- one study, front and back
+
+ANTERIOR_CODE, POSTERIOR_CODE = ("255549009", "Anterior"), ("255551008", "Posterior")  # SNOMED CT, CID 2
+# The chart regions and the M2FP skin classes (segment labels of our SEG) that are their visible skin.
+REGION_SKIN = {"head": ("Face", "Hair"), "trunk": ("Torso skin",), "left upper limb": ("Left arm",),
+               "right upper limb": ("Right arm",), "left lower limb": ("Left leg",),
+               "right lower limb": ("Right leg",)}
+
+
+def view_code(code: tuple[str, str]) -> list[Dataset]:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = code[0], "SCT", code[1]
+    return [item]
+
+
+def tbsa_rows(sr: Dataset) -> tuple[float, dict[str, dict[str, float]]]:
+    """The SR's estimated %TBSA and its region rows ("trunk posterior" -> {code value: number})."""
+    total: float | None = None
+    rows: dict[str, dict[str, float]] = {}
+    for group in _items(sr):
+        children = list(group.get("ContentSequence", None) or [])
+        name = [str(c.TextValue) for c in children if c.ValueType == "TEXT" and str(c.TextValue).startswith("%TBSA ")]
+        numbers = {str(c.ConceptNameCodeSequence[0].CodeValue): float(c.MeasuredValueSequence[0].NumericValue)
+                   for c in children if c.ValueType == "NUM"}
+        if name:
+            rows[name[0].removeprefix("%TBSA ")] = numbers
+        elif "TBSA-PCT" in numbers:
+            total = numbers["TBSA-PCT"]
+    assert total is not None, "the SR has an estimated %TBSA"
+    return total, rows
+
+
+def lesion_srs(orthanc: Orthanc, photo: Dataset) -> dict[str, Dataset]:
+    """The study's lesion SRs, keyed by the lesion SEG each was made for (in its references)."""
+    out: dict[str, Dataset] = {}
+    for sr in instances(orthanc, photo).get(ComprehensiveSRStorage, []):
+        if any(str(c.ConceptNameCodeSequence[0].CodeValue) == LESION_AREA for c in _items(sr)):
+            out[str(sr.SOPInstanceUID)] = sr
+    return out
+
+
+def test_front_and_back_photos_of_one_study_combine_into_one_estimate(
+        running_orthanc: Orthanc, node_factory, node_port: int, small_model_dir: Path, tmp_path: Path) -> None:
+    """Issue 15: the lesion SR of a study's second lesion SEG carries one %TBSA estimate of both
+    photos: the front photo's rows unchanged, the back photo's posterior rows (lesion shares checked
+    against our body-part SEG of that photo, read back from Orthanc), their sum as the estimate."""
+    orthanc = running_orthanc
+    node = node_factory(node_config(tmp_path / "data", small_model_dir, node_port, orthanc.dicom_port,
+                                    worker={"runtime": "eager"}))
+    node.start()
+    study = generate_uid()
+    front = make_vl_photo(synthetic_rgb(ROWS, COLUMNS), StudyInstanceUID=study,
+                          ViewCodeSequence=view_code(ANTERIOR_CODE), **SECRET_PATIENT)
+    back = make_vl_photo(synthetic_rgb(ROWS, COLUMNS), StudyInstanceUID=study,
+                         ViewCodeSequence=view_code(POSTERIOR_CODE), **SECRET_PATIENT)
+    assert storescu(write_photos([front, back], tmp_path / "in"), orthanc.dicom_port,
+                    called_aet=PACS_AET).returncode == 0
+    wait_until(lambda: len(instances(orthanc, front).get(SegmentationStorage, [])) == 2, BUDGET_S,
+               "both photos' body-part SEGs")
+
+    seg_front, seg_back = lesion_seg(front), lesion_seg(back)
+    assert send([seg_front], node.port, tmp_path / "seg1")[0] == 0
+    sr_front = wait_until(lambda: [sr for sr in lesion_srs(orthanc, front).values()
+                                   if seg_front.SOPInstanceUID in uids_in(sr)], BUDGET_S, "the front lesion SR")[0]
+    assert send([seg_back], node.port, tmp_path / "seg2")[0] == 0
+    sr_both = wait_until(lambda: [sr for sr in lesion_srs(orthanc, front).values()
+                                  if seg_back.SOPInstanceUID in uids_in(sr)], BUDGET_S, "the back lesion SR")[0]
+
+    front_total, front_rows = tbsa_rows(sr_front)
+    total, rows = tbsa_rows(sr_both)
+    assert set(front_rows) == {f"{region} anterior" for region in REGION_SKIN}, "the front SR: one side"
+    assert set(rows) == {f"{region} {side}" for region in REGION_SKIN for side in ("anterior", "posterior")}
+    for name, numbers in front_rows.items():
+        assert rows[name] == numbers, f"{name}: the front photo's row is the same in the study's estimate"
+    posterior = {name: numbers for name, numbers in rows.items() if name.endswith("posterior")}
+    assert total == pytest.approx(front_total + sum(n["TBSA-CONTRIB"] for n in posterior.values()), abs=1e-6)
+    assert total == pytest.approx(sum(n["TBSA-CONTRIB"] for n in rows.values()), abs=1e-6)
+
+    # the back photo's lesion shares, from our SEG of it as Orthanc holds it and the test's rectangle
+    body = next(hd.seg.Segmentation.from_dataset(s) for s in instances(orthanc, front)[SegmentationStorage]
+                if back.SOPInstanceUID in uids_in(s))
+    labels = {str(body.get_segment_description(n).SegmentLabel): n for n in body.segment_numbers}
+    rectangle = np.zeros((ROWS, COLUMNS), dtype=bool)
+    rectangle[LESION_BOX] = True
+    for region, classes in REGION_SKIN.items():
+        numbers = [labels[c] for c in classes if c in labels]
+        skin = np.zeros((ROWS, COLUMNS), dtype=bool)
+        if numbers:
+            pixels = body.get_pixels_by_source_instance([back.SOPInstanceUID], segment_numbers=numbers)[0]
+            skin = np.any(pixels.astype(bool), axis=-1)
+        share = posterior[f"{region} posterior"].get("TBSA-LES-SHARE")
+        if skin.any():
+            assert share == pytest.approx(np.count_nonzero(skin & rectangle) / np.count_nonzero(skin), abs=1e-6), region
+        else:
+            assert share is None, f"{region}: no visible skin, no lesion share"
+
+    assert {front.SOPInstanceUID, back.SOPInstanceUID, seg_front.SOPInstanceUID,
+            seg_back.SOPInstanceUID} <= uids_in(sr_both), "the study's estimate names both photos and both SEGs"
+    path = tmp_path / "study-sr.dcm"
+    sr_both.save_as(path, enforce_file_format=True)
+    assert run_dciodvfy(path) == [], "dciodvfy on the study's lesion SR"
     assert node.stop() == 0
     assert_no_patient_data(node.log_text())

@@ -351,3 +351,47 @@ def test_parse_report_without_view_warns() -> None:
     assert any("view unknown" in w for w in report["tbsa"]["warnings"])
     assert report["tbsa"]["percent"] == pytest.approx(LB_TRUNK_ANTERIOR)
     assert "tbsa" not in parse_report(result_from_label_map(lm, [lm > 0]), "x")
+
+
+def test_cli_combines_front_and_back_photos_into_study_tbsa(small_model_dir: Path, tmp_path: Path) -> None:
+    """Two photos given together, front and back: each keeps its own estimate, and study_tbsa.json has
+    one estimate of both (each view's rows as the photo's own; lesion shares recounted here from the
+    label maps the CLI wrote and the masks)."""
+    paths, masks = [], []
+    for name, flip in (("front", False), ("back", True)):
+        rgb = np.ascontiguousarray(synthetic_rgb(120, 160)[:, ::-1] if flip else synthetic_rgb(120, 160))
+        Image.fromarray(rgb).save(tmp_path / f"{name}.png")
+        mask = np.zeros((120, 160), np.uint8)
+        mask[30:100, 40:140] = 255
+        Image.fromarray(mask).save(tmp_path / f"{name}_mask.png")
+        paths.append(tmp_path / f"{name}.png")
+        masks.append(mask > 0)
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "dicom_node", "parse", *map(str, paths), "--out", str(out), "--model-dir",
+            str(small_model_dir), "--no-progress", "--lesion-mask", str(tmp_path / "front_mask.png"),
+            "--lesion-mask", str(tmp_path / "back_mask.png"), "--age", "40"]
+    wrong = subprocess.run([*args, "--view", "anterior", "--view", "posterior", "--view", "anterior"],
+                           capture_output=True, text=True, timeout=600)
+    assert wrong.returncode == 2 and "3 --view for 2 photos" in wrong.stderr
+    proc = subprocess.run([*args, "--view", "anterior", "--view", "posterior"], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    (study,) = json.loads((out / "study_tbsa.json").read_text())["studies"]
+    assert [(p["view"], p["view_from"]) for p in study["photos"]] == [("anterior", "option"), ("posterior", "option")]
+    tbsa = study["tbsa"]
+    assert tbsa["view"] == "both" and tbsa["age_group"] == "adult"
+    combined = {(r["region"], r["view"]): r for r in tbsa["regions"]}
+    skin_classes = {"head": (2, 13), "trunk": (10,), "left upper limb": (14,), "right upper limb": (15,),
+                    "left lower limb": (16,), "right lower limb": (17,)}
+    for name, view, mask in (("front", "anterior", masks[0]), ("back", "posterior", masks[1])):
+        own = {r["region"]: r for r in json.loads((out / f"{name}.json").read_text())["tbsa"]["regions"]}
+        labels = np.asarray(Image.open(out / f"{name}_labels.png"))
+        assert any(np.isin(labels, c).any() for c in skin_classes.values()), "some skin to compare"
+        for region, classes in skin_classes.items():
+            assert combined[(region, view)] == own[region], f"{name} {region}: the photo's own row"
+            skin = np.isin(labels, classes)
+            expected = np.count_nonzero(skin & mask) / np.count_nonzero(skin) if skin.any() else None
+            assert combined[(region, view)]["lesion_share"] == pytest.approx(expected), f"{name} {region}"
+    assert tbsa["percent"] == pytest.approx(sum(r["contribution_percent"] for r in tbsa["regions"]))
+    assert combined[("trunk", "posterior")]["chart_percent"] == pytest.approx(LB_TRUNK_POSTERIOR)
+    assert "burnt of" in proc.stderr

@@ -61,9 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lesion-mask", type=Path, action="append", default=[],
                    help="binary lesion mask image (same size as the photo); repeat once per photo, in order")
     p.add_argument("--dicom", action="store_true", help="also write <stem>_seg.dcm, _sc.dcm, _sr.dcm for DICOM input")
-    p.add_argument("--view", choices=["anterior", "posterior"], default=None,
-                   help="side of the body the photos show, for the estimated %%TBSA of a --lesion-mask; default: "
-                        "the DICOM View Code Sequence, else anterior (with a warning in the report)")
+    p.add_argument("--view", choices=["anterior", "posterior"], action="append", default=[],
+                   help="side of the body a photo shows, for the estimated %%TBSA of a --lesion-mask: once for all "
+                        "photos, or once per photo in order; default: the DICOM View Code Sequence, else anterior "
+                        "(with a warning in the report). With masks for several photos, the photos of one study "
+                        "(DICOM Study Instance UID; non-DICOM photos together) are also combined into "
+                        "study_tbsa.json")
     p.add_argument("--age", type=float, default=None, metavar="YEARS",
                    help="patient age in years, for the Lund-Browder chart column; default: the DICOM Patient's Age "
                         "or Birth Date and Study Date, else adult (with a warning in the report)")

@@ -64,6 +64,7 @@ Numbers come from ``dicom_node.parse.statistics`` (regions) and ``outlines`` (pi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TypedDict
 
 import highdicom as hd
@@ -103,9 +104,22 @@ def tbsa_region_tracking_id(region: str, view: str) -> str:
 
 
 def tbsa_groups(photo_ds: Dataset, tbsa: TbsaEstimate, algorithm: hd.sr.AlgorithmIdentification,
-                options: EncodeOptions) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
-    """The %TBSA groups (TID 1501, see the module docstring): the estimate, then one per region and view."""
-    source = [hd.sr.SourceImageForMeasurementGroup(photo_ds.SOPClassUID, photo_ds.SOPInstanceUID)]
+                options: EncodeOptions, photos: Sequence[tuple[Dataset, str]] | None = None,
+                ) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    """The %TBSA groups (TID 1501, see the module docstring): the estimate, then one per region and view.
+
+    ``photos``: every photo the estimate combines, with its view ("anterior"/"posterior"); the
+    estimate's group names them all as its source images, each region row those of its view
+    (default: ``photo_ds`` alone, for every view).
+    """
+    photos = list(photos) if photos else [(photo_ds, "")]
+
+    def sources(view: str | None) -> list[hd.sr.SourceImageForMeasurementGroup]:
+        chosen = [ds for ds, v in photos if view is None or not v or str(v) == view] or [photo_ds]
+        unique = {str(ds.SOPInstanceUID): ds for ds in chosen}.values()
+        return [hd.sr.SourceImageForMeasurementGroup(ds.SOPClassUID, ds.SOPInstanceUID) for ds in unique]
+
+    source = sources(None)
     groups = [
         hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=new_uid(options), identifier=TBSA_TRACKING_ID),
@@ -143,7 +157,7 @@ def tbsa_groups(photo_ds: Dataset, tbsa: TbsaEstimate, algorithm: hd.sr.Algorith
                 finding_sites=[hd.sr.FindingSite(site, laterality=laterality, topographical_modifier=side)],
                 algorithm_id=algorithm,
                 measurements=measurements,
-                source_images=source,
+                source_images=sources(str(row.view)),
             )
         )
     return groups
@@ -330,6 +344,8 @@ def build_measurement_report(
     lesion: list[LesionRegionStats] | None = None,
     tbsa: TbsaEstimate | None = None,
     lesion_seg: Dataset | None = None,
+    tbsa_photos: Sequence[tuple[Dataset, str]] | None = None,
+    other_evidence: Sequence[Dataset] = (),
 ) -> hd.sr.ComprehensiveSR:
     """Build the TID 1500 Measurement Report of ``result`` (see the module docstring).
 
@@ -337,7 +353,9 @@ def build_measurement_report(
     had nothing to segment: then only the image-level group is written). ``statistics`` is
     ``region_statistics(result)``; ``lesion`` is ``lesion_statistics(result, mask)`` or None;
     ``tbsa`` is ``parse.tbsa.estimate_tbsa(...)`` of the study's photos or None; ``lesion_seg`` a
-    received lesion SEG the lesion mask came from, listed in the evidence.
+    received lesion SEG the lesion mask came from, listed in the evidence. ``tbsa_photos``: the
+    photos a study's estimate combines, with their views (see :func:`tbsa_groups`);
+    ``other_evidence``: the other photos and lesion SEGs it used, listed in the evidence too.
     """
     options = options or EncodeOptions()
     check_photo(photo_ds)
@@ -439,7 +457,7 @@ def build_measurement_report(
                                  options, region_tracking=person_tracking)
 
     if tbsa is not None:
-        groups += tbsa_groups(photo_ds, tbsa, algorithm, options)
+        groups += tbsa_groups(photo_ds, tbsa, algorithm, options, tbsa_photos)
 
     report = hd.sr.MeasurementReport(
         observation_context=observation_context(options),
@@ -450,6 +468,11 @@ def build_measurement_report(
 
     when = content_datetime(options)
     evidence = [photo_ref] + [d for d in (seg, lesion_seg) if d is not None]
+    listed = {str(d.SOPInstanceUID) for d in evidence}
+    for other in other_evidence:
+        if str(other.SOPInstanceUID) not in listed:
+            listed.add(str(other.SOPInstanceUID))
+            evidence.append(other)
     sr = hd.sr.ComprehensiveSR(
         evidence=evidence,
         content=report,

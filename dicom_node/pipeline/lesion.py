@@ -14,18 +14,24 @@ Whichever arrives first:
 
 The lesion SR is the photo's TID 1500 report (PS3.16 A.35.1) rebuilt from the same parsing, with
 the lesion area and its share of each body region (``lesion_statistics``), sent to the photo's
-destinations, and the %TBSA estimate of that photo (``parse.tbsa.estimate_tbsa``). It references the
-photo and our body-part SEG (Referenced Segments, TID 1411), and the lesion SEG in its evidence
-(PS3.3 C.17.2.3; the SR builder's ``lesion_seg``).
+destinations, and the %TBSA estimate (``parse.tbsa.estimate_tbsa``) of the photo's STUDY: this
+photo's lesion combined with the latest lesion of every other photo of the same study that was
+joined before (front and back photos give one estimate, each view its side of the chart). So the
+lesion SR of a study's last joined photo carries the estimate of the whole study; earlier SRs carry
+the estimate of what had arrived then (each says which photos it combines, as the source images of
+its %TBSA groups). It references the photo and our body-part SEG (Referenced Segments, TID 1411),
+and the lesion SEGs and other photos it used in its evidence (PS3.3 C.17.2.3).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import PurePosixPath
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pydicom
@@ -40,6 +46,9 @@ from dicom_node.queue.job import Job, JobKind, ResultKind, ResultObject
 from dicom_node.queue.store import JobStore
 from dicom_node.spool.atomic import atomic_write
 from dicom_node.spool.base import Spool
+
+if TYPE_CHECKING:  # parse.tbsa pulls in OpenCV, which the supervisor's process does not need
+    from dicom_node.parse.tbsa import PhotoLesion
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +94,15 @@ def load_parsing(spool: Spool, relative: str) -> ParsingResult:
                                      bool(data["untrained"]))
 
 
+@dataclass(frozen=True, eq=False)
+class _StudyPhoto:
+    """One photo of a study in its %TBSA estimate: the photo, its lesion SEG, its parsing and mask."""
+
+    photo: Dataset
+    seg: Dataset
+    lesion: PhotoLesion
+
+
 @dataclass(eq=False)
 class LesionJoin:
     """Builds the lesion SR of one claimed lesion job (in a worker, which owns the job)."""
@@ -122,19 +140,66 @@ class LesionJoin:
 
         statistics = region_statistics(result)
         view = view_of(photo_ds)
-        # %TBSA of this one photo (issue 15: one lesion SEG, one photo); a photo without a View Code
-        # Sequence is taken as anterior, and estimate_tbsa's warnings (age unknown...) go to the log.
-        tbsa = estimate_tbsa([PhotoLesion(result.label_map, mask, view or View.ANTERIOR)],
-                             patient_age_years(photo_ds))
-        sr = build_measurement_report(photo_ds, body_seg, result, statistics, self.labels,
-                                      lesion=lesion_statistics(result, mask), tbsa=tbsa, lesion_seg=seg_ds)
-        if view is None or tbsa.warnings:
+        # A photo without a View Code Sequence is taken as anterior (a warning in the log).
+        this = _StudyPhoto(photo_ds, seg_ds, PhotoLesion(result.label_map, mask, view or View.ANTERIOR))
+        others, skipped = self._study_photos(job, photo_job, photo_ds)
+        used = [this, *others]
+        tbsa = estimate_tbsa([p.lesion for p in used], patient_age_years(photo_ds))
+        if skipped:
+            tbsa = dataclasses.replace(tbsa, warnings=(*tbsa.warnings, *skipped))
+        sr = build_measurement_report(
+            photo_ds, body_seg, result, statistics, self.labels, lesion=lesion_statistics(result, mask), tbsa=tbsa,
+            lesion_seg=seg_ds, tbsa_photos=[(p.photo, p.lesion.view) for p in used],
+            other_evidence=[d for p in others for d in (p.photo, p.seg)])
+        unknown = sum(view_of(p.photo) is None for p in used)
+        if unknown or tbsa.warnings:
             log.info(fields(event="lesion.tbsa_warnings", job=job.id,
-                            view="unknown, taken as anterior" if view is None else None,
+                            view=f"{unknown} photo(s) without a view, taken as anterior" if unknown else None,
                             warnings=" | ".join(tbsa.warnings) or None))
         log.info(fields(event="lesion.joined", job=job.id, photo_job=photo_job.id, sop=job.sop_instance_uid,
-                        photo=job.source_uid, lesion_px=int(np.count_nonzero(mask))))
+                        photo=job.source_uid, lesion_px=int(np.count_nonzero(mask)), study_photos=len(used),
+                        tbsa_view=tbsa.view, tbsa_percent=f"{tbsa.percent:.2f}"))
         return photo_job, sr
+
+    def _study_photos(self, job: Job, photo_job: Job, photo_ds: Dataset) -> tuple[list[_StudyPhoto], list[str]]:
+        """The other photos of this photo's study whose lesion was joined before, each with its
+        latest lesion SEG (a later SEG of a photo replaces an earlier one; this job's replaces any
+        of its own photo), and a warning for each that could not be used."""
+        from dicom_node.parse.tbsa import PhotoLesion, View, view_of
+
+        study = photo_job.study_uid or str(photo_ds.get("StudyInstanceUID", "") or "")
+        if not study:
+            return [], []
+        latest: dict[str, Job] = {}
+        for other in self.store.study_lesion_jobs(study):
+            if other.id != job.id and other.source_uid and other.source_uid != job.source_uid:
+                latest[other.source_uid] = other  # oldest first: the last one wins
+        patient = str(photo_ds.get("PatientID", "") or "")
+        photos: list[_StudyPhoto] = []
+        skipped: list[str] = []
+        for photo_uid, other in latest.items():
+            try:
+                other_photo_job = self.store.find(photo_uid)
+                if other_photo_job is None or other_photo_job.files_purged_at is not None:
+                    raise LesionJoinError("its photo's files are gone")
+                kept = parsing_path(other_photo_job, other_photo_job.results)
+                if kept is None or not self.spool.path(kept).is_file():
+                    raise LesionJoinError("its photo kept no parsing")
+                other_photo = self._read(other_photo_job.photo_path, f"photo of job {other_photo_job.id}")
+                if str(other_photo.get("PatientID", "") or "") != patient:
+                    raise LesionJoinError("its photo has another Patient ID")
+                other_seg = self._read(other.photo_path, f"lesion SEG of job {other.id}")
+                parsing = load_parsing(self.spool, kept)
+                rows, columns = parsing.size_hw
+                other_mask = lesion_mask(other_seg, photo_uid, rows, columns, self.settings)
+            except (LesionJoinError, LesionSegError) as exc:
+                why = exc.reason if isinstance(exc, LesionJoinError) else str(exc)
+                skipped.append(f"photo {photo_uid} of this study (lesion job {other.id}) is not in the estimate: {why}")
+                continue
+            view = view_of(other_photo)
+            photos.append(_StudyPhoto(other_photo, other_seg,
+                                      PhotoLesion(parsing.label_map, other_mask, view or View.ANTERIOR)))
+        return photos, skipped
 
     def _read(self, relative: str | None, what: str) -> Dataset:
         if relative is None or not self.spool.path(relative).is_file():

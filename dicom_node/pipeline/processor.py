@@ -182,7 +182,7 @@ class PhotoProcessor:
             raise
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise JobFailure(f"building the lesion SR failed: {type(exc).__name__}: {exc}") from exc
-        self.store.set_route(job.id, self.owner, photo_job.rule, photo_job.destinations)
+        self.store.set_route(job.id, self.owner, photo_job.rule, photo_job.destinations, study_uid=photo_job.study_uid)
         self.store.advance(job.id, self.owner, JobState.ENCODING)
         relative = self.spool.write_result(job.id, ResultKind.SR, sr)
         result = ResultObject(kind=ResultKind.SR, sop_class_uid=str(sr.SOPClassUID),
@@ -205,7 +205,8 @@ class PhotoProcessor:
         if not route.process:
             return self.store.advance(job.id, self.owner, JobState.DONE,
                                       f"not processed: routing rule {route.rule!r} keeps such photos unparsed")
-        self.store.set_route(job.id, self.owner, route.rule, route.destinations)
+        self.store.set_route(job.id, self.owner, route.rule, route.destinations,
+                             study_uid=str(ds.get("StudyInstanceUID", "") or "").strip() or None)
 
         try:
             photo = photo_from_dataset(ds, self.limits.max_pixels, self.limits.sop_classes, source=f"job {job.id}")

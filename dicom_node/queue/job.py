@@ -102,6 +102,7 @@ class Job:
     deliveries: frozenset[tuple[str, str]] = field(default_factory=frozenset)  # (destination, SOP Instance UID)
     kind: JobKind = JobKind.PHOTO
     source_uid: str | None = None  # a lesion job's photo (SOP Instance UID)
+    study_uid: str | None = None  # a photo's Study Instance UID, recorded when a worker routes it
 
     def pending(self, destination: str) -> list[ResultObject]:
         """Result objects not yet delivered to ``destination``, in sending order."""

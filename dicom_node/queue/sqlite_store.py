@@ -62,7 +62,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     dispatching_since REAL,
     files_purged_at REAL,
     kind TEXT NOT NULL DEFAULT 'photo',
-    source_uid TEXT
+    source_uid TEXT,
+    study_uid TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, not_before, id);
 CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner);
@@ -97,7 +98,7 @@ CREATE INDEX IF NOT EXISTS job_events_by_job ON job_events (job_id, id);
 _JOB_COLUMNS = (
     "id, sop_instance_uid, sop_class_uid, transfer_syntax_uid, calling_ae, calling_host, photo_path, state, "
     "attempts, dispatch_attempts, not_before, owner, reason, destinations, rule, parse_s, received_at, updated_at, "
-    "dispatching_since, files_purged_at, kind, source_uid"
+    "dispatching_since, files_purged_at, kind, source_uid, study_uid"
 )
 
 # Each step takes a store from version N to N + 1 (index N - 1); run in one transaction at open.
@@ -105,12 +106,15 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # 1 -> 2: when dispatching began (the retry horizon), when the cleaner removed the files
     ("ALTER TABLE jobs ADD COLUMN dispatching_since REAL",
      "ALTER TABLE jobs ADD COLUMN files_purged_at REAL"),
-    # 2 -> 3: lesion SEG jobs (issue 15): what a job was made from, and a lesion job's photo
+    # 2 -> 3: lesion SEG jobs (issue 15): what a job was made from, a lesion job's photo, and the
+    # photo's study (the %TBSA of a study combines its photos' lesions)
     ("ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'photo'",
-     "ALTER TABLE jobs ADD COLUMN source_uid TEXT"),
+     "ALTER TABLE jobs ADD COLUMN source_uid TEXT",
+     "ALTER TABLE jobs ADD COLUMN study_uid TEXT"),
 )
 # After the schema and its migrations: an index on a column a migration may just have added.
-_INDEXES = ("CREATE INDEX IF NOT EXISTS jobs_by_source ON jobs (source_uid) WHERE source_uid IS NOT NULL",)
+_INDEXES = ("CREATE INDEX IF NOT EXISTS jobs_by_source ON jobs (source_uid) WHERE source_uid IS NOT NULL",
+            "CREATE INDEX IF NOT EXISTS jobs_by_study ON jobs (study_uid) WHERE study_uid IS NOT NULL")
 
 # A RECEIVED job may be claimed when it is a photo, or a lesion SEG whose photo has been parsed
 # and still has its files: the photo's job reached DISPATCHING or DONE with a parse (parse_s set by
@@ -247,6 +251,7 @@ class SqliteJobStore(JobStore):
             deliveries=deliveries,
             kind=JobKind(row[20]),
             source_uid=row[21],
+            study_uid=row[22],
         )
 
     def _load(self, db: sqlite3.Connection, job_id: int) -> Job:
@@ -369,11 +374,13 @@ class SqliteJobStore(JobStore):
         self.log_transition(job, JobState.RECEIVED, None)
         return job
 
-    def set_route(self, job_id: int, owner: str, rule: str | None, destinations: Sequence[str]) -> Job:
+    def set_route(self, job_id: int, owner: str, rule: str | None, destinations: Sequence[str],
+                  study_uid: str | None = None) -> Job:
         with self._write() as db:
             self._owned(db, job_id, owner, PROCESSING_STATES)
-            db.execute("UPDATE jobs SET rule = ?, destinations = ?, updated_at = ? WHERE id = ?",
-                       (rule, json.dumps(list(destinations)), self._clock(), job_id))
+            db.execute("UPDATE jobs SET rule = ?, destinations = ?, study_uid = COALESCE(?, study_uid), "
+                       "updated_at = ? WHERE id = ?",
+                       (rule, json.dumps(list(destinations)), study_uid, self._clock(), job_id))
             return self._load(db, job_id)
 
     def advance(self, job_id: int, owner: str, to_state: JobState, reason: str | None = None) -> Job:
@@ -543,6 +550,14 @@ class SqliteJobStore(JobStore):
             query += " AND updated_at <= ?"
             args.append(waiting_since_before)
         return [self._job(db, row) for row in db.execute(query + " ORDER BY id", args).fetchall()]
+
+    def study_lesion_jobs(self, study_uid: str) -> list[Job]:
+        db = self._connection()
+        query = (f"SELECT {_JOB_COLUMNS} FROM jobs WHERE kind = ? AND state IN (?, ?) AND files_purged_at IS NULL "
+                 "AND source_uid IN (SELECT sop_instance_uid FROM jobs AS photo WHERE photo.kind = 'photo' "
+                 "AND photo.study_uid = ? AND photo.files_purged_at IS NULL) ORDER BY id")
+        args = (JobKind.LESION.value, JobState.DISPATCHING.value, JobState.DONE.value, study_uid)
+        return [self._job(db, row) for row in db.execute(query, args).fetchall()]
 
     def fail_waiting(self, job_id: int, waiting_since_before: float, reason: str) -> Job | None:
         now = self._clock()

@@ -80,8 +80,10 @@ class JobStore(ABC):
         """Take the oldest RECEIVED job that may run now: -> PARSING, attempts + 1."""
 
     @abstractmethod
-    def set_route(self, job_id: int, owner: str, rule: str | None, destinations: Sequence[str]) -> Job:
-        """Record which routing rule took the photo and where its results go."""
+    def set_route(self, job_id: int, owner: str, rule: str | None, destinations: Sequence[str],
+                  study_uid: str | None = None) -> Job:
+        """Record which routing rule took the photo and where its results go, and the photo's
+        Study Instance UID (read from its header by the worker; None keeps what is recorded)."""
 
     @abstractmethod
     def advance(self, job_id: int, owner: str, to_state: JobState, reason: str | None = None) -> Job:
@@ -174,6 +176,11 @@ class JobStore(ABC):
     def waiting_lesion_jobs(self, waiting_since_before: float | None = None) -> list[Job]:
         """RECEIVED lesion jobs whose photo's parsing is not (or no longer) there, optionally only
         those waiting (unchanged) since ``waiting_since_before`` or longer; oldest first."""
+
+    @abstractmethod
+    def study_lesion_jobs(self, study_uid: str) -> list[Job]:
+        """Lesion jobs that made their SR (DISPATCHING or DONE) for a photo of study ``study_uid``,
+        while both still have their files; oldest first. The %TBSA of a study combines them."""
 
     @abstractmethod
     def fail_waiting(self, job_id: int, waiting_since_before: float, reason: str) -> Job | None:
