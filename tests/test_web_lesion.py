@@ -24,13 +24,16 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from playwright.sync_api import Browser, Page, expect, sync_playwright
+from pydicom.dataset import Dataset
 
 from dicom_node.config import HttpSettings
+from dicom_node.decode.photo import Photo
 from dicom_node.parse.report import VIEW_UNKNOWN_WARNING, parse_report
+from dicom_node.parse.result import result_from_label_map
 from dicom_node.queue.sqlite_store import SqliteJobStore
 from dicom_node.web.lesion import KEPT_PARSING_TTL_S, MAX_KEPT_PARSINGS, ParsingStore
 from dicom_node.web.parsing import ParserProvider
-from tests.photo_factory import synthetic_rgb
+from tests.photo_factory import make_vl_photo, synthetic_rgb
 from tests.test_web_browser import CHROMIUM, CHROMIUM_FLAGS, UI_TIMEOUT_MS, screenshot
 from tests.web_fixtures import PHOTO_HW, LiveServer, decode_png, dicom_bytes, make_app, photo_rgb, png_bytes
 
@@ -268,6 +271,231 @@ def test_recomputing_a_1024x768_parsing_takes_milliseconds(client: TestClient) -
     assert min(times) < 0.5
 
 
+# --------------------------------------------------------------------------- one study: front and back
+
+# The chart numbers, as tabulated from Lund and Browder (1944) and Wallace (1951) (dicom_node.parse.tbsa's
+# sources), summed here by hand into the regions the node reports. The trunk region holds the neck (1 per side),
+# the trunk (13 per side), the genitalia (1, anterior) and both buttocks (2 x 2.5, posterior); the rule of nines'
+# trunk is 18 per side with the perineum (1) anterior. Head: half of A per side (adult 3.5, age 5-9 6.5); rule of
+# nines 4.5 per side.
+LB_TRUNK = {"anterior": 1 + 13 + 1, "posterior": 1 + 13 + 2.5 + 2.5}
+LB_HEAD_5_9 = 6.5
+NINES_TRUNK = {"anterior": 18 + 1, "posterior": 18}
+NINES_HEAD = 4.5
+HAT, HAIR, TORSO_SKIN, SCARF, FACE = 1, 2, 10, 11, 13  # CIHP class indices
+TRUNK_ONLY_COVERS = (SCARF,)  # garments that can cover the trunk and nothing else
+TRUNK_SHARED_COVERS = (5, 6, 7)  # UpperClothes, Dress, Coat: shared with limbs (the nearest skin decides)
+STUDY_PATH = "/api/v1/tbsa"
+
+
+def view_code(value: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "SCT", meaning
+    return item
+
+
+def keep_label_map(client: TestClient, label_map: np.ndarray, source: str, **tags: object) -> str:
+    """A parsing of a label map built by the test, kept as /api/predict keeps one (a DICOM photo with ``tags``,
+    or with no tags a PNG); the untrained model's label maps are not ones whose figures can be worked out by hand."""
+    h, w = label_map.shape
+    ds = make_vl_photo(np.zeros((h, w, 3), np.uint8), **tags) if tags else None
+    photo = Photo(rgb=np.zeros((h, w, 3), np.uint8), dataset=ds, source=source)
+    store: ParsingStore = client.app.state.web.parsings  # type: ignore[attr-defined]
+    return store.keep(result_from_label_map(label_map), photo, {}).parsing_id
+
+
+def send_mask(client: TestClient, parsing_id: str, mask: np.ndarray, query: str = "") -> dict[str, Any]:
+    response = client.post(f"/api/v1/parsings/{parsing_id}/lesion{query}", content=mask_png(mask),
+                           headers={"Content-Type": "image/png"})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def rows_of(answer: dict[str, Any], region: str) -> dict[str, dict[str, Any]]:
+    return {r["view"]: r for r in answer["regions"] if r["region"] == region}
+
+
+def test_front_and_back_parsings_combine_into_one_study_estimate(client: TestClient) -> None:
+    """Two photos parsed by the API, a lesion on each one's torso skin: the study's %TBSA is the sum of the
+    chart's anterior and posterior trunk halves times the shares counted here from the returned label maps."""
+    classes = client.get("/api/v1/classes").json()
+    front_rgb = photo_rgb()
+    expected, ids, singles, counted = 0.0, [], [], {}
+    for rgb, name, view in ((front_rgb, "front.png", "anterior"),
+                            (np.ascontiguousarray(front_rgb[::-1]), "back.png", "posterior")):
+        answer = predict(client, png_bytes(rgb), name=name)
+        label_map = label_map_of(answer, classes)
+        assert not np.isin(label_map, TRUNK_SHARED_COVERS).any(), \
+            "the shares below assume no garment shared by trunk and limbs: pick another test photo"
+        skin = label_map == TORSO_SKIN
+        mask = skin.copy()
+        mask[::2] = False  # every other row of the torso skin
+        assert 0 < np.count_nonzero(mask) < np.count_nonzero(skin), "the test photo shows too little torso skin"
+        if view == "anterior":  # and 5 background pixels: ignored, with a warning
+            mask.ravel()[np.flatnonzero(label_map.ravel() == 0)[:5]] = True
+        visible_share = skin.sum() / (skin.sum() + np.isin(label_map, TRUNK_ONLY_COVERS).sum())
+        lesion_share = np.count_nonzero(mask & skin) / skin.sum()
+        counted[view] = (visible_share, lesion_share)
+        expected += LB_TRUNK[view] * visible_share * lesion_share
+        parsing_id = answer["metadata"]["parsing"]["id"]
+        singles.append(send_mask(client, parsing_id, mask, f"?view={view}")["tbsa"])
+        ids.append(parsing_id)
+
+    response = client.post(STUDY_PATH, json={"parsings": ids, "age_years": 40})
+    assert response.status_code == 200, response.text
+    study = response.json()
+    assert (study["view"], study["method"], study["age_group"], study["age_years"], study["age_from"]) == \
+        ("both", "lund-browder", "adult", 40.0, "request")
+    assert study["percent"] == pytest.approx(expected)
+    trunk = rows_of(study, "trunk")
+    for view, (visible_share, lesion_share) in counted.items():
+        assert trunk[view]["chart_percent"] == LB_TRUNK[view]
+        assert trunk[view]["visible_share"] == pytest.approx(visible_share)
+        assert trunk[view]["lesion_share"] == pytest.approx(lesion_share)
+    assert all(r["contribution_percent"] == 0 for r in study["regions"] if r["region"] != "trunk")
+    assert len(study["regions"]) == 12  # 6 regions x 2 views
+    assert study["photos"] == [
+        {"parsing": ids[0], "source": "front.png", "view": "anterior", "view_from": "request"},
+        {"parsing": ids[1], "source": "back.png", "view": "posterior", "view_from": "request"}]
+    assert "photo 1: 5 lesion pixel(s) not on visible skin were ignored" in study["warnings"]
+    assert sum("is a JPEG or PNG" in w for w in study["warnings"]) == 2  # nothing ties a PNG to a patient
+    assert not any("age unknown" in w or "photo: the" in w for w in study["warnings"])
+    assert "not for diagnosis" in study["note"]
+    assert 0 < study["visible_percent"] <= 100
+    # each view counts its own half: the study is the sum of the two photos' own estimates, in any order
+    assert study["percent"] == pytest.approx(singles[0]["percent"] + singles[1]["percent"])
+    again = client.post(STUDY_PATH, json={"parsings": ids[::-1], "age_years": 40}).json()
+    assert again["percent"] == pytest.approx(expected)
+
+
+def study_label_maps() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Front: face under a hat, torso skin under a scarf. Back: hair, bare torso skin. And a lesion on each."""
+    front = np.zeros((40, 40), np.uint8)
+    front[0:4, 10:30] = HAT  # 80 px covering the head
+    front[4:10, 10:30] = FACE  # 120 px
+    front[10:30, 10:30] = TORSO_SKIN
+    front[10:14, 10:30] = SCARF  # 80 px covering the trunk; 320 px torso skin remain
+    back = np.zeros((40, 40), np.uint8)
+    back[0:10, 10:30] = HAIR  # 200 px
+    back[10:30, 10:30] = TORSO_SKIN  # 400 px
+    front_mask = np.zeros((40, 40), bool)
+    front_mask[20:25, 10:30] = True  # 100 px on torso skin
+    front_mask[4:6, 10:20] = True  # 20 px on the face
+    back_mask = np.zeros((40, 40), bool)
+    back_mask[10:20, 10:30] = True  # 200 px on torso skin
+    return front, back, front_mask, back_mask
+
+
+def test_a_dicom_study_takes_view_and_age_from_the_headers(client: TestClient) -> None:
+    front, back, front_mask, back_mask = study_label_maps()
+    study_uid = "1.2.826.0.1.3680043.8.498.1"
+    patient = {"PatientID": "BURN-7", "StudyInstanceUID": study_uid, "PatientAge": "007Y"}
+    front_id = keep_label_map(client, front, "front.dcm", **patient)
+    back_id = keep_label_map(client, back, "back.dcm", **patient,
+                             ViewCodeSequence=[view_code("255551008", "Posterior")])
+    send_mask(client, front_id, front_mask)
+    send_mask(client, back_id, back_mask)
+
+    # shares counted from the label maps: seen skin / (skin + covering garment), lesion / seen skin
+    head_seen = np.sum(front == FACE) / np.sum(np.isin(front, (FACE, HAT)))  # 120 / 200
+    head_lesion = np.sum(front_mask & (front == FACE)) / np.sum(front == FACE)  # 20 / 120
+    trunk_seen = np.sum(front == TORSO_SKIN) / np.sum(np.isin(front, (TORSO_SKIN, SCARF)))  # 320 / 400
+    trunk_lesion = np.sum(front_mask & (front == TORSO_SKIN)) / np.sum(front == TORSO_SKIN)  # 100 / 320
+    back_lesion = np.sum(back_mask & (back == TORSO_SKIN)) / np.sum(back == TORSO_SKIN)  # 200 / 400, all seen
+    expected = (LB_HEAD_5_9 * head_seen * head_lesion + LB_TRUNK["anterior"] * trunk_seen * trunk_lesion
+                + LB_TRUNK["posterior"] * 1.0 * back_lesion)
+    assert expected == pytest.approx(0.65 + 3.75 + 9.5)
+    # seen: the front's head and trunk in part, the back's head (hair) and trunk wholly
+    expected_visible = (LB_HEAD_5_9 * head_seen + LB_TRUNK["anterior"] * trunk_seen + LB_HEAD_5_9
+                        + LB_TRUNK["posterior"])
+
+    study = client.post(STUDY_PATH, json={"parsings": [front_id, back_id]}).json()
+    assert (study["view"], study["age_years"], study["age_group"], study["age_from"]) == ("both", 7.0, "5-9", "dicom")
+    assert study["percent"] == pytest.approx(expected)
+    assert study["visible_percent"] == pytest.approx(expected_visible)
+    assert [(p["view"], p["view_from"]) for p in study["photos"]] == [("anterior", "assumed"), ("posterior", "dicom")]
+    assumed = [w for w in study["warnings"] if "view unknown" in w]
+    assert len(assumed) == 1 and front_id in assumed[0] and "front.dcm" in assumed[0] and "anterior" in assumed[0]
+    assert not any("JPEG or PNG" in w or "age unknown" in w for w in study["warnings"])
+
+    # the request's age and chart win over the header's
+    nines = client.post(STUDY_PATH, json={"parsings": [front_id, back_id], "age_years": 40,
+                                          "method": "rule-of-nines"}).json()
+    assert (nines["method"], nines["age_group"], nines["age_from"]) == ("rule-of-nines", "adult", "request")
+    assert nines["percent"] == pytest.approx(NINES_HEAD * head_seen * head_lesion
+                                             + NINES_TRUNK["anterior"] * trunk_seen * trunk_lesion
+                                             + NINES_TRUNK["posterior"] * back_lesion)
+
+    # the view sent with a parsing's mask wins over the header's: two posterior photos pool by pixels
+    send_mask(client, front_id, front_mask, "?view=posterior")
+    pooled = client.post(STUDY_PATH, json={"parsings": [front_id, back_id]}).json()
+    assert pooled["view"] == "posterior"
+    assert [(p["view"], p["view_from"]) for p in pooled["photos"]] == [("posterior", "request"), ("posterior", "dicom")]
+    head_skin = np.sum(front == FACE) + np.sum(back == HAIR)  # 320 of 400 seen, 20 with lesion
+    trunk_skin = np.sum(front == TORSO_SKIN) + np.sum(back == TORSO_SKIN)  # 720 of 800 seen, 300 with lesion
+    assert pooled["percent"] == pytest.approx(
+        LB_HEAD_5_9 * head_skin / (head_skin + np.sum(front == HAT)) * 20 / head_skin
+        + LB_TRUNK["posterior"] * trunk_skin / (trunk_skin + np.sum(front == SCARF)) * 300 / trunk_skin)
+    assert "no anterior photo: the anterior surface was not seen" in pooled["warnings"]
+
+    # photos of another study or patient are refused, naming them
+    other_study = keep_label_map(client, back, "other-study.dcm", **{**patient, "StudyInstanceUID": study_uid + ".2"})
+    other_patient = keep_label_map(client, back, "other-patient.dcm", **{**patient, "PatientID": "BURN-8"})
+    for parsing_id, code, keyword in ((other_study, "different_studies", "StudyInstanceUID"),
+                                      (other_patient, "different_patients", "PatientID")):
+        send_mask(client, parsing_id, back_mask)
+        refused = client.post(STUDY_PATH, json={"parsings": [front_id, back_id, parsing_id]})
+        assert refused.status_code == 422, refused.text
+        error = refused.json()
+        assert error["error"] == code
+        assert keyword in error["message"] and "photo 3" in error["message"] and parsing_id in error["message"]
+
+
+def test_study_requests_that_cannot_be_combined_are_refused(web_parser: ParserProvider, tmp_path: Path) -> None:
+    app = make_app(web_parser, tmp_path / "data")
+    clock = FakeClock()
+    app.state.web.parsings = ParsingStore(clock=clock)
+    client = TestClient(app)
+    front, back, front_mask, _ = study_label_maps()
+    painted = keep_label_map(client, front, "front.png")
+    send_mask(client, painted, front_mask)
+    unpainted = keep_label_map(client, back, "back.png")
+
+    def refused(body: object, status: int, code: str, *words: str) -> None:
+        response = client.post(STUDY_PATH, json=body)
+        assert response.status_code == status, response.text
+        assert response.json()["error"] == code, response.text
+        for word in words:
+            assert word in response.json()["message"], response.text
+
+    unknown = "A" * 32
+    refused({"parsings": [painted, unknown]}, 404, "not_found", unknown, "photo 2")
+    refused({"parsings": [painted, unpainted]}, 409, "no_lesion", unpainted, "back.png", "no lesion")
+    refused({"parsings": []}, 422, "bad_parsing_list", "at least one")
+    refused({"parsings": [painted, painted]}, 422, "bad_parsing_list", painted, "more than once")
+    refused({"parsings": [f"{i:032d}" for i in range(9)]}, 422, "bad_parsing_list", "9", "at most 8")
+    refused({"parsings": ["short"]}, 400, "bad_request")
+    refused({"parsings": [painted], "age_years": -1}, 400, "bad_request", "age_years")
+    refused({"parsings": [painted], "method": "guess"}, 400, "bad_request", "method")
+    refused({"parsings": [painted], "view": "anterior"}, 400, "bad_request", "view")  # views go with the masks
+    refused({"ids": [painted]}, 400, "bad_request", "parsings")
+    assert client.post(STUDY_PATH, content=b"not json", headers={"Content-Type": "application/json"}).status_code == 400
+
+    one = client.post(STUDY_PATH, json={"parsings": [painted]}).json()
+    assert one["view"] == "anterior" and one["age_from"] == "unknown"
+    assert "patient age unknown: the adult chart was used" in one["warnings"]
+    assert "no posterior photo: the posterior surface was not seen" in one["warnings"]
+    assert not any("JPEG or PNG" in w for w in one["warnings"])  # one photo: nothing to tie together
+
+    clock.now += KEPT_PARSING_TTL_S
+    refused({"parsings": [painted]}, 404, "not_found", painted, "parse the photo again")
+
+    operation = client.get("/openapi.json").json()["paths"][STUDY_PATH]["post"]
+    assert "one study" in operation["summary"]
+    assert {"200", "400", "404", "409", "422"} <= set(operation["responses"])
+    assert "ErrorBody" in json.dumps(operation["responses"]["422"])
+
+
 # --------------------------------------------------------------------------- browser
 
 
@@ -425,6 +653,71 @@ def test_a_dicom_upload_offers_the_sr_and_touch_paints(web_parser: ParserProvide
             assert ds.Modality == "SR"
     finally:
         context.close()
+
+
+def upload_and_paint(page: Page, photo: Path, view: str, stroke: list[tuple[float, float]]) -> None:
+    before = page.eval_on_selector("#original-img", "img => img.src")
+    page.set_input_files("#file-input", str(photo))
+    page.wait_for_function("before => { const img = document.querySelector('#original-img'); "
+                           "return img.src !== before && img.naturalWidth === 320; }", arg=before)
+    expect(page.locator("#lesion")).to_have_attribute("data-shown", "0")
+    page.select_option("#lesion-view", view)
+    page.locator("#lesion-canvas").scroll_into_view_if_needed()
+    drag(page, stroke)
+    expect(page.locator("#lesion")).to_have_attribute("data-shown", "1")
+    expect(page.locator("#lesion")).to_have_attribute("data-pending", "false")
+
+
+def test_the_study_panel_combines_front_and_back(web_parser: ParserProvider, page: Page, tmp_path: Path) -> None:
+    rgb = synthetic_rgb(*BROWSER_PHOTO_HW)
+    front, back = tmp_path / "front.png", tmp_path / "back.png"
+    front.write_bytes(png_bytes(rgb))
+    back.write_bytes(png_bytes(np.ascontiguousarray(rgb[::-1])))
+    with LiveServer(make_app(web_parser, tmp_path / "data")) as server:
+        page.goto(server.url + "/")
+        expect(page.locator("#study")).to_be_hidden()
+        upload_and_paint(page, front, "anterior", [(0.2, 0.4), (0.8, 0.45)])
+        study = page.locator("#study")
+        expect(study).to_be_visible()
+        expect(page.locator("#study-list input")).to_have_count(1)
+        upload_and_paint(page, back, "posterior", [(0.3, 0.6), (0.7, 0.5)])
+        boxes = page.locator("#study-list input")
+        expect(boxes).to_have_count(2)
+        expect(page.locator("#study-list")).to_contain_text("front.png")
+        expect(page.locator("#study-list")).to_contain_text("posterior")
+        expect(page.locator("#study-hint")).to_have_text("2 photos ticked")
+
+        page.click("#study-combine")
+        expect(study).to_have_attribute("data-combined", "1")
+        screenshot(page, "web-study-tbsa")
+        ids = page.eval_on_selector_all("#study-list input", "boxes => boxes.map(b => b.dataset.parsing)")
+        answer = httpx2.post(f"{server.url}/api/v1/tbsa", json={"parsings": ids, "method": "lund-browder"}).json()
+        assert answer["view"] == "both" and answer["percent"] > 0
+        assert [(p["source"], p["view"]) for p in answer["photos"]] == [("front.png", "anterior"),
+                                                                        ("back.png", "posterior")]
+        expect(page.locator("#study-percent")).to_have_text(f"{answer['percent']:.2f} %")
+        expect(page.locator("#study-visible")).to_contain_text(f"{answer['visible_percent']:.1f} %")
+        expect(page.locator("#study-detail")).to_contain_text("both views")
+        expect(page.locator("#study-warnings li")).to_have_count(len(answer["warnings"]))
+        rows = page.locator("#study-body tr")
+        expect(rows).to_have_count(len(answer["regions"]))
+        for i, region in enumerate(answer["regions"]):
+            expect(rows.nth(i).locator("td").nth(5)).to_have_text(f"{region['contribution_percent']:.2f}")
+        expect(page.locator("#study-stale")).to_be_hidden()
+
+        # one photo only: its own estimate, which the back photo's figures on the page already show
+        boxes.nth(0).uncheck()
+        expect(page.locator("#study-hint")).to_have_text("1 photo ticked")
+        page.click("#study-combine")
+        expect(study).to_have_attribute("data-combined", "2")
+        expect(page.locator("#study-percent")).to_have_text(page.locator("#tbsa-percent").inner_text())
+        expect(page.locator("#study-detail")).to_contain_text("posterior view")
+
+        # painting again makes the combined figure stale
+        page.locator("#lesion-canvas").scroll_into_view_if_needed()
+        drag(page, [(0.1, 0.1), (0.9, 0.9)])
+        expect(page.locator("#lesion")).to_have_attribute("data-shown", "2")
+        expect(page.locator("#study-stale")).to_be_visible()
 
 
 # --------------------------------------------------------------------------- fuzz on a live parsing

@@ -33,6 +33,7 @@ from dicom_node.parse.classes import CLASS_COLORS, CLASS_NAMES
 from dicom_node.queue.job import JobState
 from dicom_node.queue.store import JobNotFoundError, JobStore, StaleJobError
 from dicom_node.web.lesion import (
+    MAX_STUDY_PHOTOS,
     PARSING_ID_PATTERN,
     DecodedMask,
     KeptParsing,
@@ -43,6 +44,8 @@ from dicom_node.web.lesion import (
     decode_lesion_mask,
     lesion_figures,
     structured_report,
+    study_photos,
+    study_tbsa,
 )
 from dicom_node.web.parsing import ParserBusyError, ParserProvider, Prediction, predict
 from dicom_node.web.schemas import (
@@ -56,6 +59,8 @@ from dicom_node.web.schemas import (
     LesionAnswer,
     ParseAnswer,
     ReadinessOut,
+    StudyTbsaAnswer,
+    StudyTbsaRequest,
     UploadInfo,
 )
 from dicom_node.web.uploads import UploadError, photo_from_upload, safe_filename
@@ -77,7 +82,9 @@ ViewParam = Annotated[ViewName | None, Query(description="which side of the body
 AgeParam = Annotated[float | None, Query(ge=0, le=130, description="patient age in years (the chart's age "
                                                                    "group); default: the DICOM header's")]
 MethodParam = Annotated[MethodName | None, Query(description="%TBSA chart; default lund-browder")]
+PARSINGS_PATH = "/api/v1/parsings"
 LESION_PATH_PATTERN = r"/api/v1/parsings/[^/]+/lesion"
+STUDY_TBSA_PATH = "/api/v1/tbsa"
 
 
 @dataclass
@@ -246,8 +253,9 @@ _NOT_KEPT = {"model": ErrorBody, "description": "no such parsing: never made, fo
 
 
 def parsings_router(ctx: WebContext) -> APIRouter:
-    """Lesion figures, report and SR of a parsing kept by /api/predict, recomputed without the network."""
-    router = APIRouter(prefix="/api/v1/parsings", tags=["lesion"])
+    """Lesion figures, report and SR of a parsing kept by /api/predict, recomputed without the network;
+    and one %TBSA estimate of several such parsings of one study (``POST /api/v1/tbsa``)."""
+    router = APIRouter(tags=["lesion"])  # no prefix: /api/v1/tbsa is here too
     settings = ctx.settings
 
     def kept_or_404(parsing_id: str) -> KeptParsing:
@@ -264,7 +272,7 @@ def parsings_router(ctx: WebContext) -> APIRouter:
                               method or stored.method)
 
     @router.post(
-        "/{parsing_id}/lesion", response_model=LesionAnswer,
+        f"{PARSINGS_PATH}/{{parsing_id}}/lesion", response_model=LesionAnswer,
         summary="Per-region lesion figures and %TBSA of a mask on a kept parsing",
         description=(
             "The body is the mask: a PNG (or any common image format), or multipart/form-data with the "
@@ -298,7 +306,7 @@ def parsings_router(ctx: WebContext) -> APIRouter:
         return answer
 
     @router.get(
-        "/{parsing_id}/report.json", summary="The parse report with the latest lesion and %TBSA",
+        f"{PARSINGS_PATH}/{{parsing_id}}/report.json", summary="The parse report with the latest lesion and %TBSA",
         response_class=JSONResponse,
         responses={200: {"content": {"application/json": {"schema": {"type": "object"}}}}, 404: _NOT_KEPT},
     )
@@ -320,7 +328,8 @@ def parsings_router(ctx: WebContext) -> APIRouter:
                                              "Content-Disposition": f'attachment; filename="{stem}.json"'})
 
     @router.get(
-        "/{parsing_id}/sr.dcm", summary="The Measurement Report SR with the latest lesion (DICOM uploads only)",
+        f"{PARSINGS_PATH}/{{parsing_id}}/sr.dcm",
+        summary="The Measurement Report SR with the latest lesion (DICOM uploads only)",
         response_class=Response,
         responses={200: {"content": {"application/dicom": {"schema": {"type": "string", "format": "binary"}}}},
                    404: _NOT_KEPT,
@@ -343,6 +352,34 @@ def parsings_router(ctx: WebContext) -> APIRouter:
         stem = _ascii_stem(kept.source)
         return Response(data, media_type="application/dicom", headers={
             "Cache-Control": "no-store", "Content-Disposition": f'attachment; filename="{stem}_sr.dcm"'})
+
+    @router.post(
+        STUDY_TBSA_PATH, response_model=StudyTbsaAnswer,
+        summary="One %TBSA estimate of several kept parsings of one patient in one study (front and back)",
+        description=(
+            f"Combines up to {MAX_STUDY_PHOTOS} kept parsings, each with the latest lesion mask sent to "
+            "`/api/v1/parsings/{id}/lesion` (or with /api/predict), into one estimate: photos of the same view "
+            "are pooled by pixels and each view contributes its half of the chart, so a front and a back photo "
+            "give `view` \"both\". A photo's view is the one sent with its latest mask, else its DICOM View "
+            "Code Sequence, else anterior (with a warning). Age: `age_years`, else the first DICOM photo's "
+            "(Patient's Age or Birth Date), else unknown (adult chart, with a warning). DICOM photos must name "
+            "one PatientID and one StudyInstanceUID. The network does not run."),
+        responses={400: {"model": ErrorBody, "description": "not a JSON body of this shape, or a malformed id"},
+                   404: {"model": ErrorBody, "description": "a parsing the node does not hold: never made, "
+                                                            "forgotten after its time, or pushed out by newer ones"},
+                   409: {"model": ErrorBody, "description": "a parsing has no lesion mask yet"},
+                   422: {"model": ErrorBody, "description": "no parsing named, one named twice, more than "
+                                                            f"{MAX_STUDY_PHOTOS}, or DICOM photos of different "
+                                                            "patients or studies"}},
+    )
+    async def post_study_tbsa(body: StudyTbsaRequest) -> StudyTbsaAnswer:
+        def work() -> StudyTbsaAnswer:
+            photos = study_photos(ctx.parsings, body.parsings)
+            return StudyTbsaAnswer.model_validate(study_tbsa(photos, body.age_years, body.method))
+
+        answer = await to_thread.run_sync(work)
+        log.info(fields(event="http.study_tbsa", photos=len(answer.photos), view=answer.view))
+        return answer
 
     return router
 

@@ -10,6 +10,10 @@ The photo and everything made from it is PHI. A kept parsing lives in this proce
 most :data:`KEPT_PARSING_TTL_S` after it was made; expired ones are dropped on every access and by
 the app's sweeper. The id is :func:`secrets.token_urlsafe` (192 bits), so one person's parsing
 cannot be found by guessing.
+
+Several kept parsings of one patient in one study (a front and a back photo) combine into one
+%TBSA estimate (``POST /api/v1/tbsa``: :func:`study_photos`, :func:`study_tbsa`): each with its
+latest mask and its view, pooled by :func:`~dicom_node.parse.tbsa.estimate_tbsa`.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ import secrets
 import threading
 import time
 import warnings
-from collections import OrderedDict
-from collections.abc import Callable
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -36,12 +40,15 @@ from dicom_node.parse.result import ParsingResult
 from dicom_node.parse.statistics import lesion_statistics
 from dicom_node.parse.tbsa import (
     Method,
+    PhotoLesion,
     TbsaEstimate,
     View,
+    estimate_tbsa,
     patient_age_years,
     resize_mask,
     view_of,
 )
+from dicom_node.web.schemas import PARSING_ID_PATTERN as PARSING_ID_PATTERN  # re-exported: api.py uses it
 from dicom_node.web.uploads import UploadError
 
 # Would be HttpSettings keys (http.kept_parsings, http.kept_parsing_ttl_s); config.py is owned
@@ -50,10 +57,12 @@ MAX_KEPT_PARSINGS = 20
 KEPT_PARSING_TTL_S = 15 * 60.0
 SWEEP_INTERVAL_S = 30.0  # how often the app drops expired parsings nobody asks for
 
-PARSING_ID_PATTERN = r"^[A-Za-z0-9_-]{16,64}$"
 ViewName = Literal["anterior", "posterior"]
 MethodName = Literal["lund-browder", "rule-of-nines"]
 DEFAULT_METHOD: MethodName = "lund-browder"
+MAX_STUDY_PHOTOS = 8  # the most parsings one study estimate combines (POST /api/v1/tbsa)
+ViewFrom = Literal["request", "dicom", "assumed"]
+AgeFrom = Literal["request", "dicom", "unknown"]
 
 
 @dataclass
@@ -253,3 +262,115 @@ def structured_report(kept: KeptParsing, mask: np.ndarray | None, asked: TbsaInp
     buffer = DicomBytesIO()
     encoded.sr.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------- one study's photos
+
+
+@dataclass(frozen=True)
+class StudyPhoto:
+    """One kept parsing in a study estimate: its latest mask and the view it is counted with."""
+
+    kept: KeptParsing
+    mask: np.ndarray
+    view: View
+    view_from: ViewFrom
+
+    def describe(self, index: int) -> str:
+        return f"photo {index + 1} ({self.kept.source}, parsing {self.kept.parsing_id})"
+
+
+def study_photos(store: ParsingStore, parsing_ids: Sequence[str]) -> list[StudyPhoto]:
+    """The kept parsings of one study estimate, each with its latest mask and its view.
+
+    Refused (:class:`~dicom_node.web.uploads.UploadError`): 422 for an empty list, more than
+    :data:`MAX_STUDY_PHOTOS`, an id named twice, or DICOM photos of different patients or studies;
+    404 for an id the store does not hold (never made, expired, pushed out); 409 for a parsing with
+    no lesion mask sent yet. The view is the one given with the parsing's latest mask, else its
+    DICOM photo's View Code Sequence, else anterior (``view_from`` "assumed": the estimate warns).
+    """
+    ids = list(parsing_ids)
+    if not ids:
+        raise UploadError(422, "bad_parsing_list",
+                          "name at least one parsing (the parsing ids /api/predict returned)")
+    if len(ids) > MAX_STUDY_PHOTOS:
+        raise UploadError(422, "bad_parsing_list",
+                          f"{len(ids)} parsings named: one estimate combines at most {MAX_STUDY_PHOTOS} photos")
+    twice = [i for i, n in Counter(ids).items() if n > 1]
+    if twice:
+        raise UploadError(422, "bad_parsing_list",
+                          f"parsing {twice[0]} is named more than once: each photo counts once")
+    kept_list: list[KeptParsing] = []
+    for index, parsing_id in enumerate(ids):
+        kept = store.get(parsing_id)
+        if kept is None:
+            raise UploadError(404, "not_found", f"photo {index + 1}: no such parsing {parsing_id} (they are kept "
+                                                f"for {store.ttl_s / 60:g} minutes): parse the photo again")
+        kept_list.append(kept)
+    photos: list[StudyPhoto] = []
+    for index, kept in enumerate(kept_list):
+        with kept.lock:
+            mask, asked_view = kept.lesion_mask, kept.tbsa_inputs.view
+        if mask is None:
+            raise UploadError(409, "no_lesion", f"photo {index + 1} ({kept.source}, parsing {kept.parsing_id}) has "
+                                                "no lesion painted yet: paint it first (for a photo without lesion, "
+                                                "send an empty mask)")
+        dicom_view = view_of(kept.photo_ds) if kept.photo_ds is not None else None
+        view_from: ViewFrom
+        if asked_view is not None:
+            view, view_from = View(asked_view), "request"
+        elif dicom_view is not None:
+            view, view_from = dicom_view, "dicom"
+        else:
+            view, view_from = View.ANTERIOR, "assumed"
+        photos.append(StudyPhoto(kept, mask, view, view_from))
+    _same_patient_and_study(photos)
+    return photos
+
+
+def _same_patient_and_study(photos: Sequence[StudyPhoto]) -> None:
+    """422 when two DICOM photos name different patients (PatientID) or studies (StudyInstanceUID)."""
+    dicom = [(i, p, p.kept.photo_ds) for i, p in enumerate(photos) if p.kept.photo_ds is not None]
+    if not dicom:
+        return
+    first_index, first, first_ds = dicom[0]
+    for keyword, what, code in (("PatientID", "patient", "different_patients"),
+                                ("StudyInstanceUID", "study", "different_studies")):
+        reference = str(first_ds.get(keyword, "") or "").strip()
+        for index, photo, ds in dicom[1:]:
+            if str(ds.get(keyword, "") or "").strip() != reference:
+                raise UploadError(422, code, f"{photo.describe(index)} is of another {what} than "
+                                             f"{first.describe(first_index)}: their {keyword} differ. One estimate "
+                                             "combines the photos of one patient in one study")
+
+
+def study_tbsa(photos: Sequence[StudyPhoto], age_years: float | None,
+               method: MethodName | None) -> dict[str, Any]:
+    """One %TBSA estimate of a study's photos, :meth:`TbsaEstimate.to_json` with ``photos`` and ``age_from``.
+
+    Age: the one asked, else the first DICOM photo's that says (Patient's Age or Birth Date), else
+    unknown (the estimate then uses the adult chart and warns). Method: the one asked, else
+    :data:`DEFAULT_METHOD`.
+    """
+    age = age_years
+    age_from: AgeFrom = "request" if age_years is not None else "unknown"
+    if age is None:
+        for photo in photos:
+            if photo.kept.photo_ds is not None:
+                age = patient_age_years(photo.kept.photo_ds)
+                if age is not None:
+                    age_from = "dicom"
+                    break
+    estimate = estimate_tbsa([PhotoLesion(p.kept.result.label_map, p.mask, p.view) for p in photos], age,
+                             Method(method or DEFAULT_METHOD))
+    notes = [f"{p.describe(i)}: view unknown (none given with its mask, no View Code Sequence): taken as "
+             "anterior" for i, p in enumerate(photos) if p.view_from == "assumed"]
+    if len(photos) > 1:
+        notes += [f"{p.describe(i)} is a JPEG or PNG: nothing checks that it shows the same patient and study"
+                  for i, p in enumerate(photos) if p.kept.photo_ds is None]
+    answer = estimate.to_json()
+    answer["warnings"] = [*notes, *answer["warnings"]]
+    answer["age_from"] = age_from
+    answer["photos"] = [{"parsing": p.kept.parsing_id, "source": p.kept.source, "view": str(p.view),
+                         "view_from": p.view_from} for p in photos]
+    return answer

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from dicom_node.queue.job import Job, JobEvent, JobState
+
+# The random token naming a kept parsing (dicom_node.web.lesion); here, since the request models need it.
+PARSING_ID_PATTERN = r"^[A-Za-z0-9_-]{16,64}$"
 
 
 class ErrorBody(BaseModel):
@@ -70,7 +73,7 @@ class TbsaRegionOut(BaseModel):
 
 
 class TbsaOut(BaseModel):
-    """The %TBSA estimate of :mod:`dicom_node.parse.tbsa` (an estimate from one photo, not for diagnosis)."""
+    """The %TBSA estimate of :mod:`dicom_node.parse.tbsa` (an estimate from photos, not for diagnosis)."""
 
     model_config = ConfigDict(extra="allow")
     method: str
@@ -90,6 +93,37 @@ class LesionAnswer(BaseModel):
     tbsa: TbsaOut
     lesion_mask: MaskInfo
     compute_s: float = Field(description="seconds spent on the figures (no network is run)")
+
+
+class StudyTbsaRequest(BaseModel):
+    """Several kept parsings of one patient in one study (front and back) for one %TBSA estimate."""
+
+    model_config = ConfigDict(extra="forbid")
+    parsings: list[Annotated[str, StringConstraints(pattern=PARSING_ID_PATTERN)]] = Field(
+        description="the parsing ids /api/predict returned, each with a lesion mask sent; 1 to 8, each once",
+        examples=[["front-parsing-id-0123456789", "back-parsing-id-0123456789"]])
+    age_years: float | None = Field(default=None, ge=0, le=130,
+                                    description="patient age in years; default: the first DICOM photo's that "
+                                                "says, else unknown (adult chart, with a warning)")
+    method: Literal["lund-browder", "rule-of-nines"] | None = Field(default=None,
+                                                                    description="%TBSA chart; default lund-browder")
+
+
+class StudyPhotoOut(BaseModel):
+    parsing: str = Field(description="the parsing id")
+    source: str = Field(description="the uploaded file's name")
+    view: Literal["anterior", "posterior"] = Field(description="the side of the body it is counted as")
+    view_from: Literal["request", "dicom", "assumed"] = Field(
+        description="request: the view sent with its latest lesion mask; dicom: the photo's View Code Sequence; "
+                    "assumed: neither said, taken as anterior (a warning says so)")
+
+
+class StudyTbsaAnswer(TbsaOut):
+    """The %TBSA of one study's photos pooled: each view contributes its half of the chart."""
+
+    age_from: Literal["request", "dicom", "unknown"] = Field(description="where age_years came from")
+    photos: list[StudyPhotoOut] = Field(description="the photos combined, in the order named; the warnings call "
+                                                    "them photo 1, photo 2, ...")
 
 
 class ParseMetadata(BaseModel):

@@ -5,6 +5,7 @@
 const READY_REFRESH_MS = 10000;
 const JOBS_REFRESH_MS = 3000;
 const PAGE_SIZE = 25;
+const MAX_STUDY_PHOTOS = 8;  // POST /api/v1/tbsa combines at most this many parsings
 
 // ------------------------------------------------------------------ shared
 
@@ -282,6 +283,7 @@ const parsePage = {
       body.appendChild(row);
     }
     show($("results"), true);
+    if (parsing) studyPanel.remember(parsing, meta.source || file.name);
     lesionPainter.start(parsing, size.width, size.height, stem);
     $("results").dataset.ready = "true";
   },
@@ -461,6 +463,7 @@ const lesionPainter = {
         if ($("lesion-age").value !== "" && $("lesion-age").validity.valid) params.set("age_years", $("lesion-age").value);
         const { body } = await fetchJSON(`/api/v1/parsings/${encodeURIComponent(parsingId)}/lesion?${params}`,
                                          { method: "POST", headers: { "Content-Type": "image/png" }, body: png });
+        studyPanel.painted(parsingId, params.get("view") || "", body.lesion_mask.lesion_pixels);
         if (parsingId !== this.parsingId) return;  // another photo was parsed meanwhile
         if (seq === this.seq) {
           this.render(body);
@@ -521,6 +524,140 @@ const lesionPainter = {
       list.appendChild(item);
     }
     $("tbsa-note").textContent = tbsa ? tbsa.note.charAt(0).toUpperCase() + tbsa.note.slice(1) + "." : "";
+  },
+};
+
+// ------------------------------------------------------------------ study %TBSA
+
+// The parsings made on this page (in this page's memory only): those with a lesion sent can be ticked and
+// combined by the node into one %TBSA estimate (POST /api/v1/tbsa), e.g. a front and a back photo.
+const studyPanel = {
+  photos: [],  // {id, source, view ("" = from the photo), lesionPixels (null: no mask sent yet), expiresAt, checked}
+  combined: 0,  // how many answers were shown (data-combined)
+
+  init() {
+    $("study-combine").addEventListener("click", () => this.combine());
+  },
+
+  remember(parsing, source) {
+    this.photos = this.photos.filter((p) => p.id !== parsing.id);
+    this.photos.push({ id: parsing.id, source, view: "", lesionPixels: null, checked: true,
+                       expiresAt: Date.now() + 1000 * parsing.expires_in_s });
+    this.render();
+  },
+
+  // a lesion mask was sent for this parsing, with this view ("" = the photo's, else anterior)
+  painted(id, view, lesionPixels) {
+    const photo = this.photos.find((p) => p.id === id);
+    if (!photo) return;
+    const changed = photo.lesionPixels !== lesionPixels || photo.view !== view;
+    photo.view = view;
+    photo.lesionPixels = lesionPixels;
+    if (changed && photo.checked && this.combined) show($("study-stale"), true);
+    this.render();
+  },
+
+  usable() {
+    const now = Date.now();
+    this.photos = this.photos.filter((p) => p.expiresAt > now);  // the node has forgotten them
+    return this.photos.filter((p) => p.lesionPixels !== null);
+  },
+
+  render() {
+    const usable = this.usable();
+    const list = $("study-list");
+    list.replaceChildren();
+    for (const photo of usable) {
+      const item = document.createElement("li");
+      const label = document.createElement("label");
+      const box = document.createElement("input");
+      box.type = "checkbox";
+      box.checked = photo.checked;
+      box.dataset.parsing = photo.id;
+      box.addEventListener("change", () => { photo.checked = box.checked; this.buttons(); });
+      const text = document.createElement("span");
+      text.textContent = photo.source;
+      const detail = document.createElement("span");
+      detail.className = "hint";
+      detail.textContent = `${photo.view || "view from the photo"} · ${photo.lesionPixels.toLocaleString("en-US")} ` +
+        "lesion px";
+      label.append(box, text, detail);
+      item.appendChild(label);
+      list.appendChild(item);
+    }
+    show($("study"), usable.length > 0);
+    this.buttons();
+  },
+
+  chosen() {
+    return this.usable().filter((p) => p.checked);
+  },
+
+  buttons() {
+    const count = this.chosen().length;
+    $("study-combine").disabled = count === 0 || count > MAX_STUDY_PHOTOS;
+    $("study-hint").textContent = count > MAX_STUDY_PHOTOS ? `at most ${MAX_STUDY_PHOTOS} photos` :
+      count === 1 ? "1 photo ticked" : `${count} photos ticked`;
+  },
+
+  async combine() {
+    const chosen = this.chosen();
+    if (!chosen.length) { this.render(); return; }
+    const request = { parsings: chosen.map((p) => p.id), method: $("tbsa-method").value };
+    if ($("lesion-age").value !== "" && $("lesion-age").validity.valid) request.age_years = Number($("lesion-age").value);
+    const button = $("study-combine");
+    button.disabled = true;
+    try {
+      const { body } = await fetchJSON("/api/v1/tbsa", { method: "POST", headers: { "Content-Type": "application/json" },
+                                                          body: JSON.stringify(request) });
+      this.error("");
+      this.show(body);
+    } catch (err) {
+      this.error(err.message);
+    } finally {
+      this.render();
+    }
+  },
+
+  error(message) {
+    const box = $("study-error");
+    box.textContent = message;
+    show(box, Boolean(message));
+  },
+
+  show(answer) {
+    const sources = Object.fromEntries(this.photos.map((p) => [p.id, p.source]));
+    $("study-percent").textContent = answer.percent.toFixed(2) + " %";
+    $("study-visible").textContent = `of the body surface; ${answer.visible_percent.toFixed(1)} % of it was seen as ` +
+      "skin in these photos";
+    const how = { request: "given", dicom: "from the DICOM header", assumed: "assumed" };
+    const photos = answer.photos.map((p) => `${sources[p.parsing] || p.source}: ${p.view} (${how[p.view_from]})`);
+    $("study-detail").textContent = `${answer.method} chart, age group ${answer.age_group}, ${answer.view} ` +
+      `view${answer.view === "both" ? "s" : ""} · ${photos.join("; ")}`;
+    const list = $("study-warnings");
+    list.replaceChildren();
+    for (const warning of answer.warnings) {
+      const item = document.createElement("li");
+      item.textContent = warning;
+      list.appendChild(item);
+    }
+    $("study-note").textContent = answer.note.charAt(0).toUpperCase() + answer.note.slice(1) + ".";
+    const body = $("study-body");
+    body.replaceChildren();
+    for (const region of answer.regions) {
+      const row = document.createElement("tr");
+      cell(row, region.view);
+      cell(row, region.region);
+      cell(row, region.chart_percent.toFixed(2), "num");
+      cell(row, percent(region.visible_share), "num");
+      cell(row, percent(region.lesion_share), "num");
+      cell(row, region.contribution_percent.toFixed(2), "num");
+      body.appendChild(row);
+    }
+    show($("study-stale"), false);
+    show($("study-result"), true);
+    this.combined += 1;
+    $("study").dataset.combined = String(this.combined);
   },
 };
 
@@ -624,6 +761,6 @@ document.addEventListener("DOMContentLoaded", () => {
   refreshReadiness();
   setInterval(refreshReadiness, READY_REFRESH_MS);
   const page = document.body.dataset.page;
-  if (page === "parse") { lesionPainter.init(); parsePage.init(); }
+  if (page === "parse") { lesionPainter.init(); studyPanel.init(); parsePage.init(); }
   if (page === "dashboard") dashboard.init();
 });
