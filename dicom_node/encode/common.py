@@ -18,6 +18,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 from pydicom.valuerep import DA, TM
 
+from dicom_node.encode.body_parts import is_unpaired
 from dicom_node.encode.options import LO_MAX, EncodeOptions
 from dicom_node.parse.result import ParsingResult
 
@@ -56,9 +57,6 @@ PATIENT_STUDY_KEYWORDS: tuple[str, ...] = (
     "ClinicalTrialTimePointID", "ClinicalTrialTimePointDescription",
 )
 
-# General Series (C.7.3.1) attributes that describe the body, not the series: dciodvfy wants
-# Body Part Examined or Laterality on SEG and SC made from a photograph.
-BODY_KEYWORDS: tuple[str, ...] = ("BodyPartExamined", "Laterality")
 
 
 class Equipment(TypedDict):
@@ -200,10 +198,37 @@ def copy_patient_study(photo_ds: Dataset, target: Dataset) -> None:
 
 
 def copy_body_context(photo_ds: Dataset, target: Dataset) -> None:
-    """Copy Body Part Examined and Laterality (General Series, C.7.3.1) from the photo."""
-    for keyword in BODY_KEYWORDS:
-        if keyword in photo_ds and photo_ds[keyword].value not in (None, ""):
-            target[keyword] = copy.deepcopy(photo_ds[keyword])
+    """Copy Body Part Examined (General Series, C.7.3.1) from the photo; never Laterality.
+
+    General Series Laterality is Type 2C ("required if the body part examined is a paired
+    structure"), and dciodvfy checks it per IOD: on a SEG it counts the condition as never
+    satisfied and reports a Laterality of any value, even empty, as "present when condition
+    unsatisfied", so the SEG carries none (the photo's laterality stays reachable through the
+    SEG's reference to the photo). The SC sets it with :func:`set_sc_laterality`.
+    """
+    if "BodyPartExamined" in photo_ds and photo_ds.BodyPartExamined not in (None, ""):
+        target["BodyPartExamined"] = copy.deepcopy(photo_ds["BodyPartExamined"])
+
+
+def set_sc_laterality(photo_ds: Dataset, target: Dataset) -> None:
+    """General Series Laterality (C.7.3.1, Type 2C) of the SC, as dciodvfy checks it for the SC.
+
+    - Body Part Examined an unpaired structure (:data:`~dicom_node.encode.body_parts.UNPAIRED_BODY_PARTS`):
+      absent. dciodvfy rejects an empty one ("should be absent (not empty) if an unpaired body
+      part") and one with a value ("present when condition unsatisfied"), so even the photo's
+      own value is left out; it stays reachable through the SC's reference to the photo.
+    - Otherwise (paired, unknown term, or no Body Part Examined, when nobody can tell the part
+      has no sides): the photo's value when it has one, else present and empty ("unknown";
+      dciodvfy warns that empty is only for unknown, which is the truth here).
+    """
+    if "Laterality" in target:
+        del target["Laterality"]
+    if is_unpaired(photo_ds.get("BodyPartExamined")):
+        return
+    if "Laterality" in photo_ds and photo_ds.Laterality not in (None, ""):
+        target["Laterality"] = copy.deepcopy(photo_ds["Laterality"])
+    else:
+        target.Laterality = ""
 
 
 def set_lossy_compression(target: Dataset, history: tuple[list[str], list[str]] | None) -> None:

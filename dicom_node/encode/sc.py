@@ -29,6 +29,7 @@ from dicom_node.encode.common import (
     new_uid,
     set_content_datetime,
     set_lossy_compression,
+    set_sc_laterality,
 )
 from dicom_node.encode.options import EncodeOptions
 from dicom_node.parse.result import ParsingResult
@@ -116,11 +117,8 @@ def build_overlay_sc(
     )
     copy_patient_study(photo_ds, sc)
     copy_body_context(photo_ds, sc)
-    if "Laterality" not in sc and "BodyPartExamined" not in sc:
-        # General Series Laterality is Type 2C, required for a paired body part; with no Body Part
-        # Examined nobody can tell the part is not paired, so dciodvfy requires it for the SC (not
-        # for the SEG, whose IOD it checks by another condition): present and empty, "unknown".
-        sc.Laterality = ""
+    # General Series Laterality (Type 2C, paired body parts): the photo's, empty or absent.
+    set_sc_laterality(photo_ds, sc)
     sc.PatientOrientation = photo_ds.get("PatientOrientation", "")  # General Image, Type 2C
 
     # SC Equipment (C.8.6.1): made by software on a workstation from an existing image.

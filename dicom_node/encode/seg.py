@@ -281,6 +281,8 @@ def build_segmentation(
         coordinate_system=hd.CoordinateSystemNames.PATIENT, image_orientation=PHOTO_PLANE_ORIENTATION
     )
     copy_patient_study(photo_ds, seg)
+    # Body Part Examined only: dciodvfy rejects General Series Laterality (Type 2C, C.7.3.1) on
+    # a SEG whatever its value, even empty (see copy_body_context).
     copy_body_context(photo_ds, seg)
     # A photo has no Image Orientation (Patient), so the General Image Module's Patient
     # Orientation (Type 2C) is required; the photo's value (often empty) is the truthful one.
