@@ -590,6 +590,61 @@ class HttpSettings(_Section):
         return self
 
 
+POSTGRES_URL_SCHEMES = ("postgresql", "postgres")  # what libpq accepts as a connection URI
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its password (``user:PASSWORD@`` or ``?password=``) shown as ``***``: what logs,
+    messages and tickets may carry. Everything else stays, so an administrator still sees where."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        if ":" in userinfo:
+            netloc = f"{userinfo.split(':', 1)[0]}:***@{hostport}"
+    query = re.sub(r"(^|&)(password=)[^&]*", r"\1\2***", parts.query)
+    return parts._replace(netloc=netloc, query=query).geturl()
+
+
+class JobStoreSettings(_Section):
+    """Where the job records live (issue 16).
+
+    No ``url`` (the default): the embedded SQLite file in ``data_dir``, for one machine. A
+    ``postgresql://user@host:5432/dbname`` URL: a PostgreSQL database several nodes share, so
+    that any node's workers take any node's jobs. The password may be in the URL (then set the
+    URL with ``DICOM_NODE_JOB_STORE__URL`` rather than in the file) or in libpq's environment
+    (``PGPASSWORD``, ``~/.pgpass``); it is never logged.
+    """
+
+    url: SecretStr | None = Field(
+        default=None,
+        description="empty: SQLite in data_dir; postgresql://user@host:port/dbname: a shared PostgreSQL store")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _postgres_url(cls, data: Any) -> Any:
+        """Checked on the section's input, not the field's: a refused value is then not echoed
+        (``_explain`` shows a field's input, and this one may hold a password)."""
+        if not isinstance(data, dict) or not isinstance(data.get("url"), str):
+            return data
+        url = data["url"].strip()
+        if not url:
+            return {**data, "url": None}
+        scheme = urlsplit(url).scheme.lower()
+        if scheme not in POSTGRES_URL_SCHEMES:
+            raise ValueError(f"url: {mask_url(url)!r} is not a postgresql:// URL (leave it empty for the "
+                             "embedded SQLite store in data_dir)")
+        try:
+            _ = urlsplit(url).port  # raises for a port that is not a number
+        except ValueError as exc:
+            raise ValueError(f"url: {mask_url(url)!r}: {exc}") from None
+        return {**data, "url": url}
+
+    @property
+    def engine(self) -> Literal["sqlite", "postgresql"]:
+        return "sqlite" if self.url is None else "postgresql"
+
+
 @dataclass(frozen=True)
 class Listener:
     """Where and as whom intake listens."""
@@ -673,6 +728,7 @@ class NodeConfig(BaseSettings):
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     lesion: LesionSettings = Field(default_factory=LesionSettings)
     tls: TlsSettings = Field(default_factory=TlsSettings)
+    job_store: JobStoreSettings = Field(default_factory=JobStoreSettings)
 
     @field_validator("ae_title")
     @classmethod

@@ -90,6 +90,7 @@ def worker_setup(config: NodeConfig) -> WorkerSetup:
         labels=config.results.encode_options(),
         log_format=config.log_format,
         lesion=config.lesion,
+        job_store_url=config.job_store.url,
     )
 
 
@@ -113,7 +114,7 @@ class Node:
     def start(self) -> None:
         config = self.config
         self.spool.prepare()
-        store = self.store = open_job_store(config.job_db_path)
+        store = self.store = open_job_store(config.job_db_path, config.job_store.url)
         recover(config, store)
         metrics = self.metrics = NodeMetrics(job_store=store)
 

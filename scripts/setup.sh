@@ -18,7 +18,9 @@ if [ $WITH_TEST -eq 0 ] && [ -x .venv/bin/dicom-node ] && [ -f "$STAMP" ] \
     exit 0
 fi
 
-DEBIAN_TEST_PACKAGES=(dcmtk dicom3tools orthanc orthanc-dicomweb orthanc-python orthanc-gdcm chromium chromium-driver)
+# postgresql: the server tests/postgres_fixtures.py starts for the shared job store's tests
+DEBIAN_TEST_PACKAGES=(dcmtk dicom3tools orthanc orthanc-dicomweb orthanc-python orthanc-gdcm chromium chromium-driver
+                      postgresql)
 
 install_debian() {
     local missing=()

@@ -136,8 +136,9 @@ def _add_node_commands(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--timeout", type=float, default=10.0, help="seconds (default %(default)s)")
     _add_config_arg(e)
 
-    j = sub.add_parser("jobs", help="list, show, retry and purge the node's jobs")
-    jsub = j.add_subparsers(dest="jobs_command", required=True, metavar="ACTION", help="list, show, retry or purge")
+    j = sub.add_parser("jobs", help="list, show, retry and purge the node's jobs; migrate them to PostgreSQL")
+    jsub = j.add_subparsers(dest="jobs_command", required=True, metavar="ACTION",
+                            help="list, show, retry, purge or migrate")
     jl = jsub.add_parser("list", help="newest jobs first")
     jl.add_argument("--state", action="append", default=None,
                     choices=[s.value for s in JobState], help="only jobs in this state (repeatable)")
@@ -161,6 +162,11 @@ def _add_node_commands(sub: argparse._SubParsersAction) -> None:
                     help="also delete those jobs' records and history: `jobs list` no longer shows them, and the "
                          "same photo sent again becomes a new job")
     _add_config_arg(jp)
+    jm = jsub.add_parser("migrate", help="copy the SQLite job store of data_dir into an empty PostgreSQL store "
+                                         "(stop the node first)")
+    jm.add_argument("--to", required=True, metavar="URL",
+                    help="postgresql://user@host:port/dbname; a password is best given in $PGPASSWORD or ~/.pgpass")
+    _add_config_arg(jm)
 
     n = sub.add_parser("send", help="C-STORE DICOM files to a peer (a small SCU for demos and tests)")
     n.add_argument("files", nargs="+", type=Path, help="DICOM files or directories (searched recursively)")
@@ -189,5 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
     module, entry = COMMANDS[args.command]
+    if args.command == "jobs" and args.jobs_command == "migrate":
+        module, entry = "jobs_migrate", "run"
     run = getattr(importlib.import_module(f"dicom_node.cli.{module}"), entry)
     return int(run(args))

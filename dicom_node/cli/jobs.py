@@ -21,15 +21,19 @@ from dicom_node.cli.common import load_or_explain
 from dicom_node.config import NodeConfig
 from dicom_node.queue.factory import open_job_store
 from dicom_node.queue.job import FINAL_STATES, Job, JobEvent, JobState
-from dicom_node.queue.store import JobNotFoundError, JobStore, StaleJobError
+from dicom_node.queue.store import JobNotFoundError, JobStore, JobStoreUnavailableError, StaleJobError
 
 
 def _open_store_for_reading(config: NodeConfig) -> JobStore | None:
-    if not config.job_db_path.is_file():
+    if config.job_store.url is None and not config.job_db_path.is_file():
         print(f"error: no job store at {config.job_db_path} (has the node run with data_dir {config.data_dir}?)",
               file=sys.stderr)
         return None
-    return open_job_store(config.job_db_path)
+    try:
+        return open_job_store(config.job_db_path, config.job_store.url)
+    except JobStoreUnavailableError as exc:  # a shared store's server is down or unreachable
+        print(f"error: {exc}", file=sys.stderr)
+        return None
 
 
 def _when(epoch: float | None) -> str:

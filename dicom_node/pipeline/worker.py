@@ -24,6 +24,8 @@ from enum import StrEnum
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from dicom_node.config import LesionSettings, WorkerSettings
 from dicom_node.decode.supported import DecodeLimits
 from dicom_node.encode.options import EncodeOptions
@@ -56,6 +58,7 @@ class WorkerSetup:
     labels: EncodeOptions
     log_format: str = "text"  # the node's: a shipper reading its JSON lines gets no text line from a worker
     lesion: LesionSettings | None = None  # lesion SEG jobs (issue 15); None or disabled: they fail
+    job_store_url: SecretStr | None = None  # [job_store] url: PostgreSQL; None: the SQLite file job_db_path
 
 
 class MessageKind(StrEnum):
@@ -126,7 +129,8 @@ def worker_main(setup: WorkerSetup, slot: int, owner: str, messages: Connection,
         """Wait up to ``pause_s``; True as soon as the node closed the stop pipe or died."""
         return stop.poll(pause_s) or os.getppid() != parent_pid
 
-    store = open_job_store(setup.job_db_path)
+    # the shared store's URL once WorkerSetup carries it (issue 16); until then the SQLite file
+    store = open_job_store(setup.job_db_path, setup.job_store_url)
     spool = LocalSpool(setup.data_dir)
     lesion = (LesionJoin(store, spool, setup.lesion, setup.labels)
               if setup.lesion is not None and setup.lesion.enabled else None)
