@@ -402,6 +402,11 @@ class WorkerSettings(_Section):
     not_ready_log_interval_s: float = Field(default=60.0, gt=0)
     sweep_interval_s: float = Field(default=30.0, gt=0,
                                     description="how often jobs held by a gone worker are returned to the queue")
+    lease_s: float = Field(
+        default=120.0, ge=1,
+        description="how long a processing claim lasts unless its worker renews it (it does, every quarter of "
+                    "this, while it parses and encodes): a node sharing the job store takes over a job whose "
+                    "lease ran out, so this is how long a dead node's photo waits")
 
 
 class DispatchSettings(_Section):
@@ -710,6 +715,10 @@ class NodeConfig(BaseSettings):
     bind_address: str = "127.0.0.1"
     port: int = Field(default=11112, ge=1, le=_PORT_MAX)
     data_dir: Path = Path("data")
+    spool_dir: Path = Field(
+        default_factory=lambda data: Path(data.get("data_dir", "data")) / "spool",
+        description="received photos and encoded results (default <data_dir>/spool); the nodes of a group "
+                    "sharing one job store point it at one shared file system")
     model_dir: Path = DEFAULT_MODEL_DIR
     auto_fetch_model: bool = True
     log_level: str = "INFO"
@@ -796,10 +805,6 @@ class NodeConfig(BaseSettings):
     def listener(self) -> Listener:
         tls = self.tls if self.tls.enabled else None
         return Listener(self.ae_title, self.bind_address, self.port, plain=tls is None or tls.plain_listener, tls=tls)
-
-    @property
-    def spool_dir(self) -> Path:
-        return self.data_dir / "spool"
 
     @property
     def job_db_path(self) -> Path:

@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from dicom_node.allocator import NODE as NODE_THRESHOLDS
 from dicom_node.allocator import keep_freed_memory
@@ -54,6 +55,9 @@ from dicom_node.spool.local import LocalSpool
 from dicom_node.web.mount import node_app
 from dicom_node.web.server import HttpServer
 
+if TYPE_CHECKING:
+    from dicom_node.queue.notify import NotifyListener
+
 log = logging.getLogger("dicom_node.node")
 
 EXIT_OK = 0
@@ -84,6 +88,7 @@ def worker_setup(config: NodeConfig) -> WorkerSetup:
         model_dir=config.model_dir,
         job_db_path=config.job_db_path,
         data_dir=config.data_dir,
+        spool_dir=config.spool_dir,
         log_level=config.log_level,
         router=Router(config.routing.rules, config.peers),
         limits=config.intake.decode_limits(),
@@ -99,7 +104,7 @@ class Node:
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
-        self.spool = LocalSpool(config.data_dir)
+        self.spool = LocalSpool(config.data_dir, config.spool_dir)
         self.store: JobStore | None = None
         self.health: Health | None = None
         self.intake: IntakeSCP | None = None
@@ -109,6 +114,7 @@ class Node:
         self.metrics: NodeMetrics | None = None
         self.http: HttpServer | None = None
         self.fetch: BackgroundFetch | None = None
+        self.notify_listener: NotifyListener | None = None  # PostgreSQL store only (queue/notify.py)
         self._stopped = threading.Event()
 
     def start(self) -> None:
@@ -152,6 +158,12 @@ class Node:
                 raise NodeStartError(f"cannot serve HTTP on {config.http.bind_address}:{config.http.port}: "
                                      f"{exc.strerror or exc}. Is another program using that port? "
                                      "(http.port, or http.enabled = false)") from exc
+        job_store_url = config.job_store.url.get_secret_value() if config.job_store.url else None
+        if job_store_url:  # a shared store: work committed by any node rings this node's bells too
+            from dicom_node.queue.notify import NotifyListener  # psycopg is loaded only by who needs it
+
+            self.notify_listener = NotifyListener(job_store_url, doorbells)
+            self.notify_listener.start()
         self.workers = WorkerPool(worker_setup(config), config.node_id, store, health, metrics, doorbells)
         self.workers.start()
         health.set_info(ae_title=config.ae_title, port=intake.port, node_id=config.node_id,
@@ -184,7 +196,7 @@ class Node:
             checks["job_store"] = job_store_check(self.store, config.data_dir)
         intake = self.intake
         watermark = (intake.watermark if intake is not None
-                     else DiskWatermark.from_settings(config.data_dir, config.intake))
+                     else DiskWatermark.from_settings(config.spool_dir, config.intake))
         checks["disk_space"] = disk_watermark_check(watermark)
         where = f"{config.bind_address}:{intake.port if intake is not None else config.port}"
         checks["dicom_listener"] = listener_check(lambda: intake is not None and intake.listening, where)
@@ -213,7 +225,8 @@ class Node:
             return
         self._stopped.set()
         log.info(fields(event="node.stopping"))
-        for stage in (self.fetch, self.http, self.intake, self.workers, self.dispatcher, self.cleaner, self.health):
+        for stage in (self.fetch, self.http, self.intake, self.workers, self.dispatcher, self.cleaner, self.health,
+                      self.notify_listener):
             if stage is not None:
                 try:
                     stage.stop()

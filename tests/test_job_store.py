@@ -254,6 +254,92 @@ def test_a_dispatch_lease_keeps_others_away_until_it_expires(store: JobStore) ->
     assert store.claim_for_dispatch("n/dispatch-1/", lease_s=60, now=time.time() + 61) is not None
 
 
+# Another node's workers (issue 16): a processing claim is a lease; one that runs out is taken over.
+A1, B1 = "a/worker-0-1/", "b/worker-0-1/"
+
+
+def test_a_processing_lease_that_runs_out_is_taken_over_by_another_node(backing: Backing) -> None:
+    node_a, node_b = backing.open(), backing.open()
+    job, _ = node_a.add_received(new_job())
+    t0 = time.time()
+    claimed = node_a.claim_for_processing(A1, now=t0, lease_s=30)
+    assert claimed is not None and claimed.attempts == 1
+    node_a.advance(job.id, A1, JobState.ENCODING)
+    assert node_b.claim_for_processing(B1, now=t0 + 29, lease_s=30) is None, "a live lease keeps others away"
+
+    taken = node_b.claim_for_processing(B1, now=t0 + 31, lease_s=30)
+    assert taken is not None and taken.id == job.id
+    assert taken.state == JobState.PARSING and taken.owner == B1 and taken.attempts == 2, "counted as an attempt"
+    assert taken.results == ()
+    assert [(e.from_state, e.to_state, e.reason) for e in node_b.history(job.id)][-2:] == [
+        (JobState.ENCODING, JobState.RECEIVED,
+         f"lease of {A1} expired (node presumed dead); taken over by {B1}"),
+        (JobState.RECEIVED, JobState.PARSING, None),
+    ]
+    # the new holder finishes it; the old holder's results never land
+    node_b.advance(job.id, B1, JobState.ENCODING)
+    done = node_b.finish_encoding(job.id, B1, results(job.id), parse_s=1.0)
+    assert done.state == JobState.DISPATCHING and done.owner is None
+
+
+def test_a_renewed_lease_is_not_taken_over(store: JobStore) -> None:
+    job, _ = store.add_received(new_job())
+    t0 = time.time()
+    store.claim_for_processing(A1, now=t0, lease_s=10)
+    for tick in range(1, 6):  # a long parse: renewed every 5 s, 25 s in all
+        assert store.renew_lease(job.id, A1, lease_s=10, now=t0 + 5 * tick) == t0 + 5 * tick + 10
+        assert store.claim_for_processing(B1, now=t0 + 5 * tick + 9, lease_s=10) is None
+    assert store.get(job.id).owner == A1
+    taken = store.claim_for_processing(B1, now=t0 + 36, lease_s=10)
+    assert taken is not None and taken.owner == B1, "once renewals stop, the lease runs out"
+
+
+def test_a_stale_holder_is_refused_after_a_take_over(store: JobStore) -> None:
+    job, _ = store.add_received(new_job())
+    t0 = time.time()
+    store.claim_for_processing(A1, now=t0, lease_s=5)
+    taken = store.claim_for_processing(B1, now=t0 + 6, lease_s=60)
+    assert taken is not None and taken.owner == B1
+    for late_write in (lambda: store.renew_lease(job.id, A1, lease_s=5),
+                       lambda: store.advance(job.id, A1, JobState.ENCODING),
+                       lambda: store.set_route(job.id, A1, "rule", ["pacs"]),
+                       lambda: store.finish_encoding(job.id, A1, results(job.id), parse_s=1.0),
+                       lambda: store.requeue(job.id, A1, "disk full"),
+                       lambda: store.fail(job.id, "late", owner=A1)):
+        with pytest.raises(StaleJobError, match=f"held by {B1}"):
+            late_write()
+    job_now = store.get(job.id)
+    assert job_now.owner == B1 and job_now.state == JobState.PARSING and job_now.results == ()
+    assert store.renew_lease(job.id, B1, lease_s=60) > t0, "the new holder renews"
+    store.advance(job.id, B1, JobState.DONE)
+    with pytest.raises(StaleJobError):  # a job no longer in processing has no lease to renew
+        store.renew_lease(job.id, B1, lease_s=60)
+
+
+def test_a_photo_that_kills_every_node_fails_after_max_attempts(store: JobStore) -> None:
+    job, _ = store.add_received(new_job())
+    store.add_received(new_job("1.2.3.5"))
+    t0 = time.time()
+    first = store.claim_for_processing("a/worker-0-1/", now=t0, lease_s=5, max_attempts=2)
+    assert first is not None and first.id == job.id
+    now = t0
+    second = None
+    for owner in ("b/worker-0-1/", "c/worker-0-1/"):  # each holder dies in turn
+        now += 6
+        second = store.claim_for_processing(owner, now=now, lease_s=5, max_attempts=2)
+    failed = store.get(job.id)
+    assert failed.state == JobState.FAILED and failed.owner is None and failed.attempts == 2
+    assert failed.reason == "lease of b/worker-0-1/ expired (node presumed dead); gave up after 2 attempts"
+    assert second is not None and second.sop_instance_uid == "1.2.3.5", "the claim goes on to the next job"
+
+
+def test_dispatching_jobs_are_never_taken_over_by_a_processing_claim(store: JobStore) -> None:
+    job_id = to_dispatching(store)
+    store.claim_for_dispatch(D1, lease_s=5)
+    assert store.claim_for_processing(W2, now=time.time() + 3600) is None
+    assert store.get(job_id).state == JobState.DISPATCHING and len(store.get(job_id).results) == 3
+
+
 def test_retry_of_a_job_without_results_processes_it_again(store: JobStore) -> None:
     job, _ = store.add_received(new_job())
     store.claim_for_processing(W1)

@@ -151,7 +151,7 @@ def _purge(config: NodeConfig, store: JobStore, older_than_s: float, dry_run: bo
     from dicom_node.retention.cleaner import Cleaner
     from dicom_node.spool.local import LocalSpool
 
-    cleaner = Cleaner(config.retention, store, LocalSpool(config.data_dir))
+    cleaner = Cleaner(config.retention, store, LocalSpool(config.data_dir, config.spool_dir))
     ended_before = time.time() - older_than_s
     if dry_run:
         planned = cleaner.plan_purge(ended_before)

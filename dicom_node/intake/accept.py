@@ -128,7 +128,8 @@ class Acceptor:
     watermark: DiskWatermark = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.watermark = DiskWatermark.from_settings(self.spool.path(""), self.settings)
+        # The file system the photos are written to: spool_dir's (shared by a group of nodes, issue 16)
+        self.watermark = DiskWatermark.from_settings(self.spool.path("spool"), self.settings)
 
     @property
     def lesion_input(self) -> bool:

@@ -8,6 +8,12 @@ Failure policy, so that one photo never stops the others and none is retried for
   locked): the job goes back to RECEIVED with a delay, up to ``worker.max_attempts`` tries, then FAILED;
 * the job was taken away meanwhile (:class:`StaleJobError`): drop it quietly, its new owner has it.
 
+A claim is a lease (``worker.lease_s``): while a job is in hand, a thread renews it every quarter
+of the lease (:class:`LeaseRenewal`), so a 12 MP photo parsing for seconds, or a hand-back waiting
+out a full disk, keeps its job; a node that dies stops renewing, and once its leases run out
+another node's worker takes the jobs over. A renewal refused means the job was taken over: this
+worker's next write is refused too, and it drops the job.
+
 Handing a job back (to RECEIVED or FAILED) is itself a write to the job store, and the full disk
 that broke the job breaks that write too. It is retried, with pauses growing from 0.5 s to 30 s,
 until it lands or the worker is told to stop: a worker that gave up (or died) there would leave its
@@ -17,6 +23,7 @@ job in PARSING or ENCODING, held by a live node, until the next restart.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,11 +51,60 @@ TRANSIENT_RETRY_DELAY_S = 30.0  # a full disk or memory shortage takes a while t
 HANDBACK_FIRST_PAUSE_S = 0.5  # first wait before writing a hand-back again
 HANDBACK_MAX_PAUSE_S = 30.0  # the pauses double up to this
 _REASON_MAX = 500  # job reasons stay one readable line
+# A renewal refused this soon before the worker's ``with`` block ends met the worker's own hand-back
+# (the job went on to DISPATCHING, DONE, ...), not a take-over.
+HANDED_ON_WITHIN_S = 1.0
 
 # The machine's problems, not the photo's: a full or failing disk (OSError, ENOSPC among them),
 # memory, and a job store that cannot write now (full, locked: JobStoreUnavailableError, whatever
 # the engine). A job they interrupt is tried again; a hand-back they break is written again.
 MACHINE_ERRORS: tuple[type[BaseException], ...] = (OSError, MemoryError, JobStoreUnavailableError)
+
+
+class LeaseRenewal:
+    """Renews one job's processing lease every ``lease_s / 4`` while the ``with`` block runs.
+
+    A renewal that fails for the machine's sake (the store unreachable) is tried again at the next
+    tick: three of them fit in one lease. One refused (:class:`StaleJobError`) ends the renewals:
+    the job was taken over, and :attr:`lost` is set (unless the block ends within
+    :data:`HANDED_ON_WITHIN_S`: then the worker's own hand-back came first)."""
+
+    def __init__(self, store: JobStore, job_id: int, owner: str, lease_s: float) -> None:
+        self.store, self.job_id, self.owner, self.lease_s = store, job_id, owner, lease_s
+        self.interval_s = lease_s / 4
+        self.lost = threading.Event()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._renew, name=f"lease-{job_id}", daemon=True)
+
+    def __enter__(self) -> LeaseRenewal:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _renew(self) -> None:
+        failing = False
+        while not self._done.wait(self.interval_s):
+            try:
+                self.store.renew_lease(self.job_id, self.owner, self.lease_s)
+            except StaleJobError as exc:
+                if self._done.wait(HANDED_ON_WITHIN_S):
+                    return  # the worker itself handed the job on just before this renewal
+                self.lost.set()
+                log.warning(fields(event="worker.lease_lost", job=self.job_id, reason=str(exc)))
+                return
+            except Exception as exc:  # the store is unreachable or full: the next tick tries again
+                if not failing:
+                    failing = True
+                    log.warning(fields(event="worker.lease_renewal_failed", job=self.job_id,
+                                       reason=f"{type(exc).__name__}: {exc}",
+                                       retry=f"every {self.interval_s:g} s; the lease lasts {self.lease_s:g} s"))
+                continue
+            if failing:
+                failing = False
+                log.info(fields(event="worker.lease_renewed", job=self.job_id))
 
 
 class JobFailure(Exception):
@@ -78,7 +134,9 @@ class PhotoProcessor:
     ``max_attempts``: tries of a job that fails for the machine's sake (disk, memory);
     ``transient_retry_delay_s``: how long such a job waits before its next try;
     ``wait_or_stop(pause_s)``: waits up to ``pause_s`` between tries of a hand-back and returns True
-    when the worker is told to stop (the worker's stop pipe).
+    when the worker is told to stop (the worker's stop pipe);
+    ``lease_s``: the claim's lease, renewed while a job is in hand (None: not renewed; tests that
+    drive the processor by hand).
     """
 
     store: JobStore
@@ -92,12 +150,20 @@ class PhotoProcessor:
     transient_retry_delay_s: float = TRANSIENT_RETRY_DELAY_S
     wait_or_stop: Callable[[float], bool] = pause_never_stopped
     lesion: LesionJoin | None = None  # joins lesion jobs (issue 15); None: a lesion job fails with a reason
+    lease_s: float | None = None
 
     def run(self, job: Job) -> Job | None:
         """Process one claimed job to DISPATCHING, DONE or FAILED (or back to RECEIVED); never raises
         for a problem with this job or with the machine. Returns the job's new record (None when it
         was taken away, or when the worker was told to stop before its hand-back could be written:
-        the job then stays held until the node's recovery at its next start)."""
+        the job then stays held until the node's recovery at its next start, or until its lease
+        runs out and another node takes it over)."""
+        if self.lease_s is None:
+            return self._run_and_hand_back(job)
+        with LeaseRenewal(self.store, job.id, self.owner, self.lease_s):
+            return self._run_and_hand_back(job)
+
+    def _run_and_hand_back(self, job: Job) -> Job | None:
         hand_back: Callable[[], Job | None]
         try:
             return self._run(job)
@@ -184,7 +250,7 @@ class PhotoProcessor:
             raise JobFailure(f"building the lesion SR failed: {type(exc).__name__}: {exc}") from exc
         self.store.set_route(job.id, self.owner, photo_job.rule, photo_job.destinations, study_uid=photo_job.study_uid)
         self.store.advance(job.id, self.owner, JobState.ENCODING)
-        relative = self.spool.write_result(job.id, ResultKind.SR, sr)
+        relative = self.spool.write_result(job.id, ResultKind.SR, sr, attempt=job.attempts)
         result = ResultObject(kind=ResultKind.SR, sop_class_uid=str(sr.SOPClassUID),
                               sop_instance_uid=str(sr.SOPInstanceUID),
                               transfer_syntax_uid=str(sr.file_meta.TransferSyntaxUID), path=relative)
@@ -234,7 +300,7 @@ class PhotoProcessor:
         for kind, dataset in ((ResultKind.SEG, encoded.seg), (ResultKind.SC, encoded.sc), (ResultKind.SR, encoded.sr)):
             if dataset is None:
                 continue
-            relative = self.spool.write_result(job.id, kind, dataset)
+            relative = self.spool.write_result(job.id, kind, dataset, attempt=job.attempts)
             results.append(ResultObject(
                 kind=kind,
                 sop_class_uid=str(dataset.SOPClassUID),

@@ -21,6 +21,10 @@ No job stays held by a worker that is gone:
   workers that are no longer any live slot's current owner (only worker processes hold jobs in
   those states), charged as a worker death. A live worker's job is never touched: it hands its
   job back itself, retrying as long as it must (see :mod:`dicom_node.pipeline.processor`).
+
+Both act for this node's own workers. A whole node that dies leaves no supervisor behind: its
+workers' processing leases (``worker.lease_s``) run out instead, and any node sharing the job
+store takes those jobs over with its next claim (see :meth:`JobStore.claim_for_processing`).
 """
 
 from __future__ import annotations

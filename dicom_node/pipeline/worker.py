@@ -6,6 +6,10 @@ down with it. The supervisor releases a dead worker's job and starts a new worke
 or disk that refuses writes does not end a worker: it waits out a failing claim, and the processor
 writes a job's hand-back again until it lands (or the worker is told to stop).
 
+Every claim is a lease (``worker.lease_s``) the worker renews while the job is in hand. When a
+whole node dies, no supervisor is left to release its workers' jobs: on a job store several nodes
+share, their leases run out and the claims of the other nodes' workers take them over.
+
 The worker talks to the node through two one-way pipes and no shared lock: a lock held by a
 process that gets killed would hang whoever waits for it next. The *stop* pipe is never written:
 the node closes its end to stop the workers, and the kernel closes it when the node dies, so a
@@ -59,6 +63,7 @@ class WorkerSetup:
     log_format: str = "text"  # the node's: a shipper reading its JSON lines gets no text line from a worker
     lesion: LesionSettings | None = None  # lesion SEG jobs (issue 15); None or disabled: they fail
     job_store_url: SecretStr | None = None  # [job_store] url: PostgreSQL; None: the SQLite file job_db_path
+    spool_dir: Path | None = None  # the spool's root (spool_dir); None: <data_dir>/spool
 
 
 class MessageKind(StrEnum):
@@ -99,7 +104,6 @@ def worker_main(setup: WorkerSetup, slot: int, owner: str, messages: Connection,
     # order (closes the stop pipe; we finish the photo in hand), so a normal stop is no worker death.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     from dicom_node.logs import setup_logging
 
     setup_logging(setup.log_level, setup.log_format)
@@ -129,13 +133,13 @@ def worker_main(setup: WorkerSetup, slot: int, owner: str, messages: Connection,
         """Wait up to ``pause_s``; True as soon as the node closed the stop pipe or died."""
         return stop.poll(pause_s) or os.getppid() != parent_pid
 
-    # the shared store's URL once WorkerSetup carries it (issue 16); until then the SQLite file
     store = open_job_store(setup.job_db_path, setup.job_store_url)
-    spool = LocalSpool(setup.data_dir)
+    spool = LocalSpool(setup.data_dir, setup.spool_dir)
     lesion = (LesionJoin(store, spool, setup.lesion, setup.labels)
               if setup.lesion is not None and setup.lesion.enabled else None)
     processor = PhotoProcessor(store, spool, parser, owner, setup.router, setup.limits,
-                               setup.labels, setup.settings.max_attempts, wait_or_stop=told_to_stop, lesion=lesion)
+                               setup.labels, setup.settings.max_attempts, wait_or_stop=told_to_stop, lesion=lesion,
+                               lease_s=setup.settings.lease_s)
     poll_s = setup.settings.poll_interval_s
     idle = IdleWait(doorbells.photo_received, poll_s)
     claim_failing_since: float | None = None  # an outage of the store is logged once, and its end
@@ -144,7 +148,8 @@ def worker_main(setup: WorkerSetup, slot: int, owner: str, messages: Connection,
         # The stop pipe is readable only at EOF: the node closed its end, or died.
         while not told_to_stop(0):
             try:
-                job = store.claim_for_processing(owner)
+                job = store.claim_for_processing(owner, lease_s=setup.settings.lease_s,
+                                                 max_attempts=setup.settings.max_attempts)
             except Exception as exc:  # the store is busy, full or unreachable: wait, do not die
                 if claim_failing_since is None:
                     claim_failing_since = time.monotonic()

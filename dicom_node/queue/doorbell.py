@@ -7,6 +7,10 @@ bell announces (retries that fell due, ``dicom-node jobs retry`` from another pr
 recovered at start). With the default 0.1 s polls the bells save ~0.1 s per photo on average
 (half a poll at each of two hand-overs).
 
+These bells are one machine's. With the shared PostgreSQL store, work committed by another node
+rings them too: :mod:`dicom_node.queue.notify` listens for the store's NOTIFYs and rings the
+same two bells, so a stage cannot tell (and need not care) which node made the work.
+
 A bell is a counting semaphore of the spawn context, shared with the worker processes. Ringing
 is ``sem_post``, which never blocks: a ``multiprocessing.Event`` would not do, because its
 ``set()`` waits for every sleeping waiter to acknowledge, and a worker killed while it waited

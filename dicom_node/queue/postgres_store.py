@@ -5,7 +5,8 @@ share a queue need a server. The contract is :class:`~dicom_node.queue.store.Job
 each guarantee is kept with what PostgreSQL offers:
 
 * Claims are ``SELECT ... FOR UPDATE SKIP LOCKED``: two claimers never take one job, and a claimer
-  passes over a job another is taking instead of waiting for it.
+  passes over a job another is taking instead of waiting for it. A processing claim is a lease its
+  worker renews; one that ran out (its node died) is taken over by the next claim on any node.
 * Every write made for an owner first locks the job's row and only then checks its owner and state,
   so a late write by a worker that lost the job waits for the change that took it away and is then
   refused (:class:`StaleJobError`), as SQLite's ``BEGIN IMMEDIATE`` orders the same two writes.
@@ -49,13 +50,24 @@ from dicom_node.queue.job import (
     ResultKind,
     ResultObject,
 )
+from dicom_node.queue.notify import CHANNEL_RECEIVED, CHANNEL_RESULTS
 from dicom_node.queue.sqlite_store import _INDEXES, _JOB_COLUMNS, _RUNNABLE
-from dicom_node.queue.store import JobNotFoundError, JobStore, JobStoreUnavailableError, StaleJobError
+from dicom_node.queue.store import (
+    MAX_ATTEMPTS,
+    PROCESSING_LEASE_S,
+    JobNotFoundError,
+    JobStore,
+    JobStoreUnavailableError,
+    StaleJobError,
+    lease_expired,
+    takeover_reason,
+)
 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 3  # numbered like SqliteJobStore's: a column added there is added here under the same number
 LOCK_TIMEOUT_S = 30.0  # a writer waits this long for another's row lock (SQLite's busy timeout)
+PRE_PING_IDLE_S = 2.0  # a connection unused this long is checked before a transaction (one round trip)
 CONNECT_TIMEOUT_S = 10  # unless the URL says otherwise
 # pg_advisory_xact_lock key held while the schema is created or migrated ("dicom-no" in ASCII).
 SCHEMA_LOCK_KEY = 0x6469636F6D2D6E6F
@@ -205,6 +217,16 @@ class PostgresJobStore(JobStore):
         if db is not None and (db.closed or db.broken):
             self._forget(db)
             db = None
+        if db is not None and time.monotonic() - getattr(self._local, "used_at", 0.0) > PRE_PING_IDLE_S:
+            # A connection idle through a server restart looks fine until used: ask it first, so that
+            # the first photo after the outage is not answered 0xA700 on a connection known dead.
+            try:
+                db.execute("SELECT 1")
+                db.rollback()
+            except psycopg.Error:
+                self._forget(db)
+                db = None
+        self._local.used_at = time.monotonic()
         if db is None:
             try:
                 db = psycopg.connect(self._conninfo, autocommit=False)
@@ -336,6 +358,7 @@ class PostgresJobStore(JobStore):
             ).fetchone()
             if inserted is not None:
                 self._event(db, inserted[0], now, None, JobState.RECEIVED, None)
+                db.execute(f"NOTIFY {CHANNEL_RECEIVED}")  # delivered on commit: every node's workers wake
                 job = self._load(db, inserted[0])
             else:
                 (job,) = self._select(db, "sop_instance_uid = %s", (new.sop_instance_uid,))
@@ -378,21 +401,46 @@ class PostgresJobStore(JobStore):
 
     # ------------------------------------------------------------------ processing
 
-    def claim_for_processing(self, owner: str, now: float | None = None) -> Job | None:
+    def claim_for_processing(self, owner: str, now: float | None = None, lease_s: float = PROCESSING_LEASE_S,
+                             max_attempts: int = MAX_ATTEMPTS) -> Job | None:
+        now = self._clock() if now is None else now
+        transitions: list[tuple[Job, JobState, str | None]] = []
+        claimed: Job | None = None
+        with self._transaction() as db:
+            while claimed is None:
+                # SKIP LOCKED: a job another node is claiming, or whose holder is renewing its lease
+                # right now, is passed over; the holder's renewal and a take-over never both land.
+                row = db.execute(
+                    f"SELECT id FROM jobs WHERE (state = %s AND (not_before IS NULL OR not_before <= %s) "
+                    f"AND {_RUNNABLE}) OR (state = ANY(%s) AND lease_until < %s) "
+                    "ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED",
+                    (JobState.RECEIVED.value, now, [JobState.PARSING.value, JobState.ENCODING.value], now),
+                ).fetchone()
+                if row is None:
+                    break
+                job = self._load(db, row[0])
+                if job.state != JobState.RECEIVED:  # its holder's lease ran out: presumed dead
+                    previous, why = job.state, takeover_reason(job.owner, owner)
+                    if job.attempts >= max_attempts:
+                        why = f"{lease_expired(job.owner)}; gave up after {job.attempts} attempts"
+                        job = self._move(db, job, JobState.FAILED, why, now, owner=None, lease_until=None, reason=why)
+                        transitions.append((job, previous, why))
+                        continue
+                    job = self._move(db, job, JobState.RECEIVED, why, now, owner=None, lease_until=None, reason=why)
+                    transitions.append((job, previous, why))
+                claimed = self._move(db, job, JobState.PARSING, None, now, owner=owner, attempts=job.attempts + 1,
+                                     not_before=None, lease_until=now + lease_s, reason=None)
+                transitions.append((claimed, JobState.RECEIVED, None))
+        for moved, from_state, note in transitions:
+            self.log_transition(moved, from_state, note)
+        return claimed
+
+    def renew_lease(self, job_id: int, owner: str, lease_s: float, now: float | None = None) -> float:
         now = self._clock() if now is None else now
         with self._transaction() as db:
-            row = db.execute(
-                "SELECT id FROM jobs WHERE state = %s AND (not_before IS NULL OR not_before <= %s) "
-                f"AND {_RUNNABLE} ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED",
-                (JobState.RECEIVED.value, now),
-            ).fetchone()
-            if row is None:
-                return None
-            job = self._load(db, row[0])
-            job = self._move(db, job, JobState.PARSING, None, now, owner=owner, attempts=job.attempts + 1,
-                             not_before=None, lease_until=None, reason=None)
-        self.log_transition(job, JobState.RECEIVED, None)
-        return job
+            self._owned(db, job_id, owner, PROCESSING_STATES)
+            db.execute("UPDATE jobs SET lease_until = %s WHERE id = %s", (now + lease_s, job_id))
+        return now + lease_s
 
     def set_route(self, job_id: int, owner: str, rule: str | None, destinations: Sequence[str],
                   study_uid: str | None = None) -> Job:
@@ -410,7 +458,7 @@ class PostgresJobStore(JobStore):
         with self._transaction() as db:
             job = self._owned(db, job_id, owner, PROCESSING_STATES)
             previous = job.state
-            release = {"owner": None} if to_state == JobState.DONE else {}
+            release = {"owner": None, "lease_until": None} if to_state == JobState.DONE else {}
             job = self._move(db, job, to_state, reason, now, reason=reason, **release)
         self.log_transition(job, previous, reason)
         return job
@@ -432,6 +480,7 @@ class PostgresJobStore(JobStore):
             job = self._move(db, job, JobState.DISPATCHING, None, now, owner=None, lease_until=None,
                              not_before=None, dispatch_attempts=0, parse_s=parse_s, reason=None,
                              dispatching_since=now)
+            db.execute(f"NOTIFY {CHANNEL_RESULTS}")  # delivered on commit: every node's dispatcher wakes
         self.log_transition(job, JobState.ENCODING, None)
         return job
 
@@ -440,8 +489,8 @@ class PostgresJobStore(JobStore):
         with self._transaction() as db:
             job = self._owned(db, job_id, owner, PROCESSING_STATES)
             previous = job.state
-            job = self._move(db, job, JobState.RECEIVED, reason, now, owner=None, not_before=not_before,
-                             reason=reason)
+            job = self._move(db, job, JobState.RECEIVED, reason, now, owner=None, lease_until=None,
+                             not_before=not_before, reason=reason)
         self.log_transition(job, previous, reason)
         return job
 
@@ -513,14 +562,14 @@ class PostgresJobStore(JobStore):
                 if job.state in PROCESSING_STATES:
                     if not charge:  # the claim counted this attempt; it was not the photo's doing
                         why = f"{reason}; will continue (not counted as an attempt)"
-                        job = self._move(db, job, JobState.RECEIVED, why, now, owner=None, reason=why,
+                        job = self._move(db, job, JobState.RECEIVED, why, now, owner=None, lease_until=None, reason=why,
                                          attempts=max(0, job.attempts - 1))
                     elif job.attempts >= max_attempts:
                         why = f"{reason}; gave up after {job.attempts} attempts"
-                        job = self._move(db, job, JobState.FAILED, why, now, owner=None, reason=why)
+                        job = self._move(db, job, JobState.FAILED, why, now, owner=None, lease_until=None, reason=why)
                     else:
                         why = f"{reason}; will try again (attempt {job.attempts} of {max_attempts} was cut short)"
-                        job = self._move(db, job, JobState.RECEIVED, why, now, owner=None, reason=why)
+                        job = self._move(db, job, JobState.RECEIVED, why, now, owner=None, lease_until=None, reason=why)
                     released.append((job, previous, why))
                 else:  # a dispatch lease is dropped (due when it was); a final state never keeps an owner
                     db.execute("UPDATE jobs SET owner = NULL, lease_until = NULL WHERE id = %s", (job.id,))

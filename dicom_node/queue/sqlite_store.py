@@ -30,7 +30,16 @@ from dicom_node.queue.job import (
     ResultKind,
     ResultObject,
 )
-from dicom_node.queue.store import JobNotFoundError, JobStore, JobStoreUnavailableError, StaleJobError
+from dicom_node.queue.store import (
+    MAX_ATTEMPTS,
+    PROCESSING_LEASE_S,
+    JobNotFoundError,
+    JobStore,
+    JobStoreUnavailableError,
+    StaleJobError,
+    lease_expired,
+    takeover_reason,
+)
 
 log = logging.getLogger(__name__)
 
@@ -356,23 +365,45 @@ class SqliteJobStore(JobStore):
 
     # ------------------------------------------------------------------ processing
 
-    def claim_for_processing(self, owner: str, now: float | None = None) -> Job | None:
+    def claim_for_processing(self, owner: str, now: float | None = None, lease_s: float = PROCESSING_LEASE_S,
+                             max_attempts: int = MAX_ATTEMPTS) -> Job | None:
         now = self._clock() if now is None else now
-        query = ("SELECT id FROM jobs WHERE state = ? AND (not_before IS NULL OR not_before <= ?) "
-                 f"AND {_RUNNABLE} ORDER BY id LIMIT 1")
-        args = (JobState.RECEIVED.value, now)
+        query = (f"SELECT id FROM jobs WHERE (state = ? AND (not_before IS NULL OR not_before <= ?) AND {_RUNNABLE}) "
+                 "OR (state IN (?, ?) AND lease_until < ?) ORDER BY id LIMIT 1")
+        args = (JobState.RECEIVED.value, now, JobState.PARSING.value, JobState.ENCODING.value, now)
         # A lock-free look first: polling workers must not take the write lock intake needs.
         if self._connection().execute(query, args).fetchone() is None:
             return None
+        transitions: list[tuple[Job, JobState, str | None]] = []
+        claimed: Job | None = None
         with self._write() as db:
-            row = db.execute(query, args).fetchone()
-            if row is None:
-                return None
-            job = self._load(db, row[0])
-            job = self._move(db, job, JobState.PARSING, None, now, owner=owner, attempts=job.attempts + 1,
-                             not_before=None, lease_until=None, reason=None)
-        self.log_transition(job, JobState.RECEIVED, None)
-        return job
+            while claimed is None:
+                row = db.execute(query, args).fetchone()
+                if row is None:
+                    break
+                job = self._load(db, row[0])
+                if job.state != JobState.RECEIVED:  # its holder's lease ran out: presumed dead
+                    previous, why = job.state, takeover_reason(job.owner, owner)
+                    if job.attempts >= max_attempts:
+                        why = f"{lease_expired(job.owner)}; gave up after {job.attempts} attempts"
+                        job = self._move(db, job, JobState.FAILED, why, now, owner=None, lease_until=None, reason=why)
+                        transitions.append((job, previous, why))
+                        continue
+                    job = self._move(db, job, JobState.RECEIVED, why, now, owner=None, lease_until=None, reason=why)
+                    transitions.append((job, previous, why))
+                claimed = self._move(db, job, JobState.PARSING, None, now, owner=owner, attempts=job.attempts + 1,
+                                     not_before=None, lease_until=now + lease_s, reason=None)
+                transitions.append((claimed, JobState.RECEIVED, None))
+        for moved, from_state, note in transitions:
+            self.log_transition(moved, from_state, note)
+        return claimed
+
+    def renew_lease(self, job_id: int, owner: str, lease_s: float, now: float | None = None) -> float:
+        now = self._clock() if now is None else now
+        with self._write() as db:
+            self._owned(db, job_id, owner, PROCESSING_STATES)
+            db.execute("UPDATE jobs SET lease_until = ? WHERE id = ?", (now + lease_s, job_id))
+        return now + lease_s
 
     def set_route(self, job_id: int, owner: str, rule: str | None, destinations: Sequence[str],
                   study_uid: str | None = None) -> Job:
@@ -390,7 +421,7 @@ class SqliteJobStore(JobStore):
         with self._write() as db:
             job = self._owned(db, job_id, owner, PROCESSING_STATES)
             previous = job.state
-            release = {"owner": None} if to_state == JobState.DONE else {}
+            release = {"owner": None, "lease_until": None} if to_state == JobState.DONE else {}
             job = self._move(db, job, to_state, reason, now, reason=reason, **release)
         self.log_transition(job, previous, reason)
         return job
@@ -420,8 +451,8 @@ class SqliteJobStore(JobStore):
         with self._write() as db:
             job = self._owned(db, job_id, owner, PROCESSING_STATES)
             previous = job.state
-            job = self._move(db, job, JobState.RECEIVED, reason, now, owner=None, not_before=not_before,
-                             reason=reason)
+            job = self._move(db, job, JobState.RECEIVED, reason, now, owner=None, lease_until=None,
+                             not_before=not_before, reason=reason)
         self.log_transition(job, previous, reason)
         return job
 
@@ -495,14 +526,14 @@ class SqliteJobStore(JobStore):
                 if job.state in PROCESSING_STATES:
                     if not charge:  # the claim counted this attempt; it was not the photo's doing
                         why = f"{reason}; will continue (not counted as an attempt)"
-                        job = self._move(db, job, JobState.RECEIVED, why, now, owner=None, reason=why,
+                        job = self._move(db, job, JobState.RECEIVED, why, now, owner=None, lease_until=None, reason=why,
                                          attempts=max(0, job.attempts - 1))
                     elif job.attempts >= max_attempts:
                         why = f"{reason}; gave up after {job.attempts} attempts"
-                        job = self._move(db, job, JobState.FAILED, why, now, owner=None, reason=why)
+                        job = self._move(db, job, JobState.FAILED, why, now, owner=None, lease_until=None, reason=why)
                     else:
                         why = f"{reason}; will try again (attempt {job.attempts} of {max_attempts} was cut short)"
-                        job = self._move(db, job, JobState.RECEIVED, why, now, owner=None, reason=why)
+                        job = self._move(db, job, JobState.RECEIVED, why, now, owner=None, lease_until=None, reason=why)
                     released.append((job, previous, why))
                 elif job.state == JobState.DISPATCHING:
                     db.execute("UPDATE jobs SET owner = NULL, lease_until = NULL WHERE id = ?", (job.id,))

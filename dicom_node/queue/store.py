@@ -8,6 +8,10 @@ guarantees, which the stages rely on:
   SOP Instance UID (a photo received twice is one job).
 * Claims are atomic: two workers never hold the same job. Owners are named by
   :mod:`dicom_node.queue.owners` so that recovery on one machine releases only what it held.
+* A processing claim is a lease (``worker.lease_s``) that its worker renews while it parses and
+  encodes (:meth:`JobStore.renew_lease`). A lease that runs out means its holder is presumed dead
+  (its node died, or lost the job store): the next claim on any node takes the job over. This is
+  how the nodes of a group sharing one store pick up a dead node's work without waiting for it.
 * Every method that acts for an owner raises :class:`StaleJobError` when the job is no longer
   theirs (it was released after the worker was presumed dead), so a late worker cannot overwrite.
 * Each transition is written to the job's history and logged as one structured line.
@@ -24,6 +28,19 @@ from dicom_node.logs import fields
 from dicom_node.queue.job import Job, JobEvent, JobState, NewJob, ResultObject
 
 log = logging.getLogger("dicom_node.jobs")
+
+PROCESSING_LEASE_S = 120.0  # worker.lease_s's default: how long a processing claim lasts unrenewed
+MAX_ATTEMPTS = 3  # worker.max_attempts's default
+
+
+def lease_expired(previous_owner: str | None) -> str:
+    """Why a job whose processing lease ran out was taken from its holder."""
+    return f"lease of {previous_owner or 'nobody'} expired (node presumed dead)"
+
+
+def takeover_reason(previous_owner: str | None, owner: str) -> str:
+    """The history line of a job whose processing lease ran out and that another worker takes."""
+    return f"{lease_expired(previous_owner)}; taken over by {owner}"
 
 
 class StaleJobError(RuntimeError):
@@ -76,8 +93,27 @@ class JobStore(ABC):
     # ------------------------------------------------------------------ processing (workers)
 
     @abstractmethod
-    def claim_for_processing(self, owner: str, now: float | None = None) -> Job | None:
-        """Take the oldest RECEIVED job that may run now: -> PARSING, attempts + 1."""
+    def claim_for_processing(self, owner: str, now: float | None = None, lease_s: float = PROCESSING_LEASE_S,
+                             max_attempts: int = MAX_ATTEMPTS) -> Job | None:
+        """Take the oldest job that may run now: -> PARSING, attempts + 1, leased to ``owner`` until
+        ``now + lease_s`` (the worker keeps it with :meth:`renew_lease`).
+
+        That is a RECEIVED job whose backoff is over, or a PARSING or ENCODING job whose lease ran
+        out: its holder is presumed dead (its node was killed, or lost the store). Such a job goes
+        back through RECEIVED, with the history line :func:`takeover_reason`, and is claimed again,
+        counted as an attempt: what its dead holder encoded but did not record is made again (it was
+        never sent; recorded results are DISPATCHING and never taken over here). A job taken over
+        after ``max_attempts`` attempts ends FAILED instead (and the next one is looked for): a
+        photo that kills every node that parses it must not kill nodes forever.
+
+        The dead holder's late writes, a lease renewal among them, are refused
+        (:class:`StaleJobError`) from the moment the job is taken over."""
+
+    @abstractmethod
+    def renew_lease(self, job_id: int, owner: str, lease_s: float, now: float | None = None) -> float:
+        """Extend ``owner``'s processing lease on a PARSING or ENCODING job to ``now + lease_s`` and
+        return that time. :class:`StaleJobError` when the job is no longer theirs (it was taken over
+        or released): the holder must not write it again."""
 
     @abstractmethod
     def set_route(self, job_id: int, owner: str, rule: str | None, destinations: Sequence[str],

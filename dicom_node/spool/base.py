@@ -8,7 +8,9 @@ the same promises:
 * a write is durable and atomic when it returns: the object is there whole, or not at all, so a
   half-written photo never becomes a job and a half-written result is never sent;
 * the job store records only the *relative* path a write returns, so moving the spool's root (or
-  mounting it elsewhere on another node) keeps every job valid;
+  mounting it elsewhere on another node: ``spool_dir``) keeps every job valid;
+* several nodes may share one spool (issue 16): no two writers ever write one name, and what a
+  start-up or the orphan sweep removes is old enough not to be another node's write in progress;
 * photos get names the spool chooses, never the SOP Instance UID a peer sent (not trusted as a path);
 * the retention stage deletes a job's files only through this interface, and only what no live
   job refers to, so the spool's layout stays the spool's business.
@@ -43,8 +45,12 @@ class Spool(ABC):
         name; return its relative path."""
 
     @abstractmethod
-    def write_result(self, job_id: int, kind: str, dataset: Dataset) -> str:
-        """Store one result object of a job as DICOM Part 10; return its relative path."""
+    def write_result(self, job_id: int, kind: str, dataset: Dataset, attempt: int | None = None) -> str:
+        """Store one result object of a job as DICOM Part 10; return its relative path.
+
+        ``attempt`` (the job's processing attempt) goes into the name: a worker that took a job
+        over never writes the file a stale holder of an earlier attempt may still be writing, so the
+        file a record names is the one its SOP Instance UID was recorded from."""
 
     @abstractmethod
     def discard(self, relative: str) -> None:

@@ -1,12 +1,28 @@
-"""The spool as a directory on this node's disk (``<data_dir>/spool``): the embedded default."""
+"""The spool as a directory: ``<data_dir>/spool`` on this node's disk (the embedded default), or
+``spool_dir`` on a file system the nodes of a group share (issue 16).
+
+Job records name spooled files ``spool/photos/..`` and ``spool/results/<job id>/..``, whatever the
+spool's root: the ``spool/`` prefix is resolved under ``spool_dir``. So a store written before
+``spool_dir`` existed keeps working, and every node of a group, each mounting the shared file
+system wherever it likes, resolves a record's path to the same file.
+
+What a shared file system must give for that (NFSv4, CephFS, SMB 3 do): a rename within a directory
+is atomic and seen whole by every client, fsync of a file and of a directory is honoured (durable
+on the server when it returns), and close-to-open consistency (a file renamed into place and closed
+on one node is read whole by another that opens it afterwards). Files are named so that no two
+writers ever share a name: photos by a random token, results by job id (unique in the shared job
+store) and attempt (a take-over's new attempt never writes over what a stale holder may still be
+writing).
+"""
 
 from __future__ import annotations
 
 import os
 import secrets
+import time
 from collections.abc import Collection, Iterator, Sequence
 from io import BytesIO
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from pydicom.dataset import Dataset
 
@@ -15,39 +31,56 @@ from dicom_node.spool.base import FileTally, OrphanFile, Spool
 
 PHOTOS = "photos"
 RESULTS = "results"
+PREFIX = "spool"  # what every relative path in a job record starts with
+# A temporary file (an atomic write's) older than this is one a crash left; a younger one may be a
+# write in progress on another node sharing the spool, and is left alone at start.
+STALE_TMP_S = 3600.0
 
 
 class LocalSpool(Spool):
-    """Files under ``<data_dir>/spool``; paths handed to the job store are relative to ``data_dir``."""
+    """Files under ``spool_dir`` (default ``<data_dir>/spool``); the paths handed to the job store
+    start with ``spool/`` (relative to ``data_dir`` when the spool is there)."""
 
-    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, data_dir: str | os.PathLike[str], spool_dir: str | os.PathLike[str] | None = None) -> None:
         self.data_dir = Path(data_dir)
-        self.root = self.data_dir / "spool"
+        self.root = Path(spool_dir) if spool_dir is not None else self.data_dir / PREFIX
 
-    def prepare(self) -> None:
+    def prepare(self, stale_tmp_s: float = STALE_TMP_S) -> None:
+        """Make the spool's directories; remove temporary files older than ``stale_tmp_s`` (a crash's:
+        a younger one may be another node's write in progress)."""
         for sub in (PHOTOS, RESULTS):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+        older_than = time.time() - stale_tmp_s
         for tmp in self.root.rglob(f"{TMP_PREFIX}*"):
             try:
-                tmp.unlink()
+                if tmp.lstat().st_mtime < older_than:
+                    tmp.unlink()
             except OSError:
                 pass
 
     def path(self, relative: str) -> Path:
+        parts = PurePosixPath(relative).parts
+        if parts and parts[0] == PREFIX:
+            return self.root.joinpath(*parts[1:])
         return self.data_dir / relative
+
+    def _relative(self, path: Path) -> str:
+        """What a job record names ``path`` (below the root) by."""
+        return str(PurePosixPath(PREFIX, *path.relative_to(self.root).parts))
 
     def write_photo(self, part10: bytes | Chunks) -> str:
         name = f"{secrets.token_hex(16)}.dcm"
         target = self.root / PHOTOS / name[:2] / name
         atomic_write(target, part10)
-        return str(target.relative_to(self.data_dir))
+        return self._relative(target)
 
-    def write_result(self, job_id: int, kind: str, dataset: Dataset) -> str:
+    def write_result(self, job_id: int, kind: str, dataset: Dataset, attempt: int | None = None) -> str:
         buffer = BytesIO()
         dataset.save_as(buffer, enforce_file_format=True)
-        target = self.root / RESULTS / str(job_id) / f"{kind}.dcm"
+        name = f"{kind}.dcm" if attempt is None else f"{kind}-{int(attempt)}.dcm"
+        target = self.root / RESULTS / str(int(job_id)) / name
         atomic_write(target, buffer.getbuffer())
-        return str(target.relative_to(self.data_dir))
+        return self._relative(target)
 
     def discard(self, relative: str) -> None:
         try:
@@ -108,11 +141,11 @@ class LocalSpool(Spool):
                 return
             freed = _unlink(Path(entry.path))
             if freed is not None:
-                deleted.append(OrphanFile(str(Path(entry.path).relative_to(self.data_dir)), freed, job_id))
+                deleted.append(OrphanFile(self._relative(Path(entry.path)), freed, job_id))
 
         photos = self.root / PHOTOS
         for entry in _files(photos):
-            sweep(entry, None, str(Path(entry.path).relative_to(self.data_dir)) in photos_in_use)
+            sweep(entry, None, self._relative(Path(entry.path)) in photos_in_use)
         results = self.root / RESULTS
         for top in _scandir(results):
             job_id = int(top.name) if top.name.isdigit() else None
