@@ -19,7 +19,8 @@ Baseline: the official ModelScope pipeline measured on this machine kind (../sha
 1024x768; issue 5 (best runtime): <= 1.0 s at 1024x768, <= 1.5 s at 4000x3000, <= 1.2 GiB.
 
     .venv/bin/python scripts/bench_parse.py [--runs 5] [--sizes 1024x768,4000x3000]
-        [--runtimes eager,openvino,eager-int8] [--postprocess exact,fast] [--batch 20] [--model-dir DIR]
+        [--runtimes eager,openvino,openvino-bf16,eager-bf16,eager-int8] [--postprocess exact,fast]
+        [--batch 20] [--model-dir DIR]
 """
 
 from __future__ import annotations
@@ -202,7 +203,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sizes", default="1024x768,4000x3000")
-    ap.add_argument("--runtimes", default="eager,openvino,eager-int8")
+    ap.add_argument("--runtimes", default="eager,openvino,openvino-bf16,eager-bf16,eager-int8",
+                    help="runtimes to time; those this CPU cannot run (bf16 without AVX512_BF16/AMX) are skipped")
     ap.add_argument("--postprocess", default="exact,fast",
                     help="postprocess modes: exact (official semantics), fast (network-input size)")
     ap.add_argument("--batch", type=int, default=20, help="photos of the throughput runs (0: skip them)")
@@ -215,7 +217,15 @@ def main() -> None:
         args.postprocess = args.postprocess.split(",")[0]
         child(args)
         return
-    runtimes = args.runtimes.split(",")
+    from dicom_node.model.runtime.choice import cpu_refusal
+
+    runtimes = []
+    for runtime in args.runtimes.split(","):
+        refusal = cpu_refusal(runtime)
+        if refusal is None:
+            runtimes.append(runtime)
+        else:
+            print(f"{runtime}: skipped on this CPU ({refusal})")
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model_dir
         if model_dir is None:

@@ -85,3 +85,85 @@ def test_window_logits_are_the_photo_size_logits_bit_for_bit(original_hw) -> Non
                              (slice(h - 1, h), slice(0, 1))]):
         got = up.window_logits(resized[i], win)
         assert torch.equal(got, full[i][win]), win
+
+
+def _load_bench():
+    """scripts/bench_postprocess.py: holds OLD, the exact postprocess before issue 17, verbatim."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_postprocess.py"
+    spec = importlib.util.spec_from_file_location("bench_postprocess", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _load_bench()
+
+
+@pytest.mark.parametrize("size", ["512x384", "48x64", "333x1000", "640x640", "1024x768", "4000x3000"])
+def test_new_postprocess_gives_the_old_bits(bench, size) -> None:
+    """Issue 17: the fast exact postprocess changes no output bit (scores compared as floats, not approx)."""
+    inp = bench.synthetic_inputs(size, seed=len(size))
+    old, new = bench.run(bench.old_postprocess, inp), bench.run(postprocess, inp)
+    # a photo larger than the network input takes _lerp (this build's bilinear arithmetic); a smaller
+    # one keeps F.interpolate
+    enlarging = all(o >= r for o, r in zip(inp["original_hw"], inp["resized_hw"], strict=True))
+    assert new.upsampler.explicit == enlarging
+    assert enlarging == (size in ("640x640", "1024x768", "4000x3000"))
+    assert len(new.parts) > 3
+    bench.assert_identical(old, new, check_part_masks=size != "4000x3000")
+    if size == "4000x3000":  # a few part masks at 12 MP (each OLD one is a full F.interpolate)
+        for part in new.parts[:3]:
+            np.testing.assert_array_equal(old.upsampler.full_mask(part.query_index),
+                                          new.upsampler.full_mask(part.query_index))
+
+
+def test_interpolate_fallback_and_in_order_painting_give_the_old_bits(bench, monkeypatch) -> None:
+    """Where _lerp's bits are not confirmed the code uses F.interpolate; where two classes share a
+    label-key bucket it paints in keep order. Both give the same bits as OLD."""
+    from dicom_node.model import postprocess as pp
+
+    inp = bench.synthetic_inputs("333x1000", seed=3)
+    old = bench.run(bench.old_postprocess, inp)
+    monkeypatch.setattr(pp, "explicit_is_exact", lambda out_hw, in_hw: False)
+    monkeypatch.setattr(pp, "CLASS_BITS", 22)  # buckets 2**22 ulps wide: classes collide
+    new = bench.run(pp.postprocess, inp)
+    assert not new.upsampler.explicit
+    bench.assert_identical(old, new)
+
+
+def test_label_keys_order_as_float32_scores() -> None:
+    from dicom_node.model.postprocess import CLASS_BITS, label_key
+
+    scores = np.sort(np.random.default_rng(0).uniform(0.1, 1.0, 1000))
+    keys = [label_key(float(s), 19) for s in scores]
+    assert keys == sorted(keys)
+    assert all(int(np.float32(k).view(np.int32)) & ((1 << CLASS_BITS) - 1) == 19 for k in keys)
+    assert label_key(0.5, 3) < label_key(0.5 * (1 + 1e-4), 1)
+
+
+@pytest.mark.parametrize("out_hw,in_hw", [((3000, 4000), (640, 853)), ((768, 1024), (640, 853)),
+                                          ((640, 864), (160, 216)), ((853, 640), (213, 160))])
+def test_explicit_bilinear_is_interpolate_bit_for_bit(out_hw, in_hw) -> None:
+    from dicom_node.model.postprocess import _lerp, explicit_is_exact, linear_axis
+
+    gen = torch.Generator().manual_seed(in_hw[1])
+    src = torch.randn(*in_hw, generator=gen) * 6
+    want = F.interpolate(src[None, None], size=out_hw, mode="bilinear", align_corners=False)[0, 0]
+    got = _lerp(_lerp(src, linear_axis(out_hw[1], in_hw[1]), 1), linear_axis(out_hw[0], in_hw[0]), 0)
+    # The fast path is taken only where its start-up self-check found it exact on this CPU's ATen
+    # kernels (AVX2 and AVX-512 builds may round differently): the check must tell the truth.
+    assert explicit_is_exact(out_hw, in_hw) == torch.equal(got, want)
+    if "avx512" in torch.backends.cpu.get_cpu_capability().lower():
+        assert torch.equal(got, want), "exact on the AVX-512 machine where it was measured"
+
+
+def test_shrinking_keeps_interpolate() -> None:
+    from dicom_node.model.postprocess import explicit_is_exact
+
+    assert not explicit_is_exact((64, 48), (853, 640))

@@ -1,8 +1,10 @@
 """Inference runtimes: each optimised one against eager fp32 on the parity fixture, and the choice.
 
-The acceptance rule (issue 5): on both parity images the label map agrees with eager fp32 on at
-least 99.5 % of pixels, and every fp32 instance is kept with mask IoU >= 0.95. The full-size
-tests run on the fixture's weights (rebuilt in the session, never committed).
+The acceptance rule (issue 17, :mod:`dicom_node.model.runtime.agreement`): a candidate differs
+from eager fp32 by no more than fp32 differs from itself under imperceptible input changes
+(label agreement, instances matched by class and mask overlap, class shares, person count);
+issue 5's stricter rule is reported beside it. The full-size tests run on the fixture's weights
+(rebuilt in the session, never committed).
 """
 
 from __future__ import annotations
@@ -11,19 +13,27 @@ import logging
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from dicom_node.model.checkpoint import load_model_dir
 from dicom_node.model.runtime.agreement import (
     INSTANCE_IOU_MIN,
-    LABEL_AGREEMENT_MIN,
+    ISSUE5_LABEL_AGREEMENT_MIN,
+    LABEL_AGREEMENT_FLOOR,
+    Agreement,
+    Parsing,
+    agreement_of,
     check_agreement,
+    compare,
     reference_run,
 )
 from dicom_node.model.runtime.base import NetworkOutput, NetworkRuntime
-from dicom_node.model.runtime.choice import choose_runtime
+from dicom_node.model.runtime.choice import MIN_SPEEDUP, best_candidate, choose_runtime, cpu_refusal
 from dicom_node.model.runtime.eager import EagerRuntime
+from dicom_node.model.runtime.names import CANDIDATES
+from dicom_node.model.runtime.openvino import OpenVinoRuntime
 from dicom_node.model.runtime.registry import build_runtime, prepare_kwargs
 from dicom_node.model.untrained import make_test_model_dir
 
@@ -56,12 +66,13 @@ def parity_reference(parity_loaded):
 
 def test_openvino_agrees_with_eager_on_the_parity_fixture(parity_loaded, parity_reference) -> None:
     runtime = build_runtime("openvino", parity_loaded, threads=2)
+    assert isinstance(runtime, OpenVinoRuntime)
     agreement = check_agreement(runtime, parity_reference, timed_runs=1)
     assert agreement.fp32_instances >= 170  # 87 + 87 instances: the comparison is not trivial
-    assert agreement.lost_instances == 0
-    assert agreement.label_agreement >= LABEL_AGREEMENT_MIN
-    assert agreement.min_instance_iou >= INSTANCE_IOU_MIN
-    assert agreement.passed
+    assert agreement.passed and agreement.passed_issue5  # fp32 passes both rules
+    assert agreement.lost_by_query == 0 and agreement.unmatched_fp32 == 0 and agreement.unmatched_other == 0
+    assert agreement.label_agreement >= ISSUE5_LABEL_AGREEMENT_MIN
+    assert agreement.min_iou_by_query >= INSTANCE_IOU_MIN
     assert agreement.export_s is not None and agreement.export_s > 0  # both shapes were exported here
     # and the raw outputs are the fp32 ones (the fixture README's bound: ~1e-3 of the absmax)
     image = parity_reference.prepared[0]
@@ -82,8 +93,10 @@ def test_int8_is_used_only_if_it_passes_its_check(parity_loaded, caplog) -> None
     agreement = choice.checked["eager-int8"]
     assert not isinstance(agreement, str), agreement
     assert 0.0 <= agreement.label_agreement <= 1.0 and agreement.fp32_instances >= 170
-    assert agreement.passed == (agreement.label_agreement >= LABEL_AGREEMENT_MIN
-                                and agreement.min_instance_iou >= INSTANCE_IOU_MIN and agreement.lost_instances == 0)
+    assert agreement.passed == (not agreement.failures())
+    assert agreement.passed_issue5 == (agreement.label_agreement >= ISSUE5_LABEL_AGREEMENT_MIN
+                                       and agreement.min_iou_by_query >= INSTANCE_IOU_MIN
+                                       and agreement.lost_by_query == 0)
     assert (choice.runtime.name == "eager-int8") == agreement.passed
     messages = [r.getMessage() for r in caplog.records]
     assert any("event=runtime.selected" in m and "eager-int8" in m for m in messages)
@@ -110,16 +123,18 @@ def test_agreement_check_rejects_a_runtime_that_moves_the_masks(small_model_dir:
     reference = reference_run(EagerRuntime(loaded.model), prepare_kwargs(loaded), loaded.config.num_parsing,
                               timed_runs=1)
     same = check_agreement(_Perturbed(loaded.model, 0.0), reference, timed_runs=1)
-    assert same.passed and same.label_agreement == 1.0 and same.min_instance_iou == 1.0
+    assert same.passed and same.passed_issue5 and same.label_agreement == 1.0 and same.min_iou_by_query == 1.0
+    assert same.unmatched_fp32 == same.unmatched_other == 0 and same.class_share_pp == 0.0
     moved = check_agreement(_Perturbed(loaded.model, 0.5), reference, timed_runs=1)
-    assert not moved.passed
-    assert moved.label_agreement < LABEL_AGREEMENT_MIN or moved.min_instance_iou < INSTANCE_IOU_MIN
+    assert not moved.passed and not moved.passed_issue5 and moved.failures()
+    assert "noise rule fails" in moved.summary() and "issue-5 rule fails" in moved.summary()
 
 
 def test_openvino_exports_one_graph_per_shape_and_each_gives_the_eager_answer(tmp_path: Path) -> None:
     """Shapes are baked into a trace: another padded size gets its own graph, never a reshaped one."""
     loaded = _loaded(make_test_model_dir(tmp_path / "m", small=True))
     runtime = build_runtime("openvino", loaded, threads=2)
+    assert isinstance(runtime, OpenVinoRuntime)
     eager = EagerRuntime(loaded.model)
     gen = torch.Generator().manual_seed(3)
     for hw in ((256, 352), (256, 352), (256, 256), (352, 256)):
@@ -151,10 +166,15 @@ def test_auto_measures_once_then_reuses_the_result_and_logs_the_choice(tmp_path:
     with caplog.at_level(logging.INFO, logger="dicom_node.model.runtime"):
         first = choose_runtime("auto", _loaded(model_dir), threads=2)
     checked = [r.getMessage() for r in caplog.records if "event=runtime.checked" in r.getMessage()]
-    assert {m.split("runtime=")[1].split()[0] for m in checked} == {"openvino", "eager-int8"}
+    runnable = {str(n) for n in CANDIDATES if cpu_refusal(n) is None}
+    assert {m.split("runtime=")[1].split()[0] for m in checked} == runnable
+    for name in set(map(str, CANDIDATES)) - runnable:  # listed with the CPU's reason, never measured
+        reason = first.checked[name]
+        assert isinstance(reason, str) and "native bf16" in reason
     assert (model_dir / "runtime-cache" / f"agreement-{_loaded(model_dir).digest[:16]}.json").exists()
     winner = first.runtime.name
-    passing = {n: a for n, a in first.checked.items() if not isinstance(a, str) and a.passed and a.speedup > 1}
+    passing = {n: a for n, a in first.checked.items()
+               if not isinstance(a, str) and a.passed and a.speedup >= MIN_SPEEDUP}
     if passing:
         assert winner == min(passing, key=lambda n: passing[n].network_s / passing[n].eager_network_s)
     else:
@@ -167,7 +187,7 @@ def test_auto_measures_once_then_reuses_the_result_and_logs_the_choice(tmp_path:
     selected = [m for m in messages if "event=runtime.selected" in m]
     assert len(selected) == 1 and f" runtime={winner} " in selected[0]
     assert second.runtime.name == winner
-    if winner != "openvino":  # a rejected runtime's graphs are not kept
+    if not winner.startswith("openvino"):  # a rejected runtime's graphs are not kept
         assert not list((model_dir / "runtime-cache").glob("openvino-*"))
 
 
@@ -240,3 +260,148 @@ def test_unwritable_model_dir_caches_elsewhere(tmp_path: Path, monkeypatch) -> N
     where = cache_dir_for(model_dir, "ab" * 32)
     assert where == tmp_path / "xdg" / "dicom_node" / CACHE_DIR_NAME / ("ab" * 8)
     assert where.is_dir()
+
+
+# --- the noise rule on hand-built parsings (no network: every expectation is known) ---------------
+
+HUMAN = 20
+
+
+def _parsing(instances: list[tuple[int, int, tuple[int, int, int, int]]], size: tuple[int, int] = (120, 160),
+             ) -> Parsing:
+    """instances: (query, class, (top, left, height, width)) boxes; parts paint the label map in order."""
+    label_map = np.zeros(size, np.uint8)
+    masks = np.zeros((len(instances), *size), bool)
+    for i, (_, cls, (top, left, h, w)) in enumerate(instances):
+        masks[i, top:top + h, left:left + w] = True
+        if cls != HUMAN:
+            label_map[masks[i]] = cls
+    persons = sum(cls == HUMAN for _, cls, _ in instances)
+    return Parsing(label_map, np.array([c for _, c, _ in instances]), masks,
+                   tuple((q, c) for q, c, _ in instances), np.full(len(instances), 0.5), persons, HUMAN)
+
+
+# two people, and parts: hair, faces, upper clothes, pants, and two near-identical right legs
+SCENE = [(3, HUMAN, (10, 10, 100, 60)), (7, HUMAN, (10, 90, 100, 60)), (11, 2, (10, 25, 12, 30)),
+         (12, 13, (22, 25, 14, 30)), (20, 5, (40, 15, 30, 50)), (21, 9, (70, 15, 30, 50)),
+         (30, 5, (40, 95, 30, 50)), (31, 17, (70, 120, 38, 20)), (32, 17, (70, 120, 38, 21)),
+         (40, 2, (10, 105, 12, 30))]
+
+
+def _judge(fp32: Parsing, other: Parsing) -> Agreement:
+    return agreement_of("synthetic", [compare(fp32, other)], 1.0, 1.0, None)
+
+
+def test_a_candidate_equal_to_fp32_passes_both_rules() -> None:
+    fp32 = _parsing(SCENE)
+    result = _judge(fp32, _parsing(SCENE))
+    assert result.passed and result.passed_issue5 and not result.failures()
+    assert result.label_agreement == 1.0 and result.unmatched_fp32 == result.unmatched_other == 0
+    assert result.fp32_instances == len(SCENE) and result.class_share_pp == 0.0 and result.person_count_diff == 0
+
+
+def test_instances_are_matched_by_overlap_whatever_the_query_order() -> None:
+    """A candidate that hands every region to another query (and lists them in another order)
+    is the same parsing to a user: the noise rule passes, issue 5's (query, class) rule cannot."""
+    rng = np.random.default_rng(0)
+    shuffled = [SCENE[i] for i in rng.permutation(len(SCENE))]
+    queries = rng.permutation(100)[: len(SCENE)]
+    renumbered = [(int(q), c, box) for q, (_, c, box) in zip(queries, shuffled, strict=True)]
+    fp32, other = _parsing(SCENE), _parsing(renumbered)
+    # paint order changes nothing here: no two parts of different classes overlap
+    assert (fp32.label_map == other.label_map).all()
+    result = _judge(fp32, other)
+    assert result.passed and result.unmatched_fp32 == 0 and result.unmatched_other == 0
+    assert not result.passed_issue5 and result.lost_by_query > 0
+
+
+def test_masks_moved_beyond_the_noise_fail() -> None:
+    fp32 = _parsing(SCENE)
+    moved = [(q, c, (t + 4, left + 4, h, w)) if c != HUMAN else (q, c, (t, left, h, w))
+             for q, c, (t, left, h, w) in SCENE]
+    result = _judge(fp32, _parsing(moved))
+    assert not result.passed
+    assert result.unmatched_fp32 == len(SCENE) - 2  # every part; the people did not move
+    assert result.label_agreement < LABEL_AGREEMENT_FLOOR
+    assert any("without a match" in f for f in result.failures())
+
+
+def test_a_different_person_count_or_class_share_fails() -> None:
+    fp32 = _parsing(SCENE)
+    merged = [inst for inst in SCENE if inst[0] != 7]  # the second person is gone
+    result = _judge(fp32, _parsing(merged))
+    assert not result.passed and result.person_count_diff == 1 and "another person count" in result.failures()
+    relabelled = [(q, 7 if c == 5 else c, box) for q, c, box in SCENE]  # upper clothes -> coat
+    result = _judge(fp32, _parsing(relabelled))
+    assert not result.passed and result.class_share_pp > 10
+    assert result.unmatched_fp32 == result.unmatched_other == 2  # class first, then overlap
+
+
+def test_a_near_duplicate_instance_is_matched_once() -> None:
+    """Two right legs with IoU 0.952: a lone candidate leg is matched to one of them, not to both."""
+    fp32 = _parsing(SCENE)
+    without_one = [inst for inst in SCENE if inst[0] != 32]
+    result = _judge(fp32, _parsing(without_one))
+    assert result.unmatched_fp32 == 1 and result.unmatched_other == 0
+
+
+def _agreement(runtime: str, passed: bool, network_s: float) -> Agreement:
+    return Agreement(runtime, passed, 1.0, 174, 0, 0, 0.0, 0, passed, 0, 1.0, network_s, 2.0, None)
+
+
+def test_auto_takes_the_fastest_passing_candidate_that_beats_eager_by_the_margin() -> None:
+    checked: dict[str, Agreement | str] = {
+        "openvino": _agreement("openvino", True, 2.0 / (MIN_SPEEDUP - 0.05)),  # passes, too little gain
+        "openvino-bf16": _agreement("openvino-bf16", False, 0.9),  # fastest, but fails the rule
+        "eager-bf16": _agreement("eager-bf16", True, 1.5),
+        "eager-int8": _agreement("eager-int8", True, 1.2),
+        "other": "unavailable: not installed",
+    }
+    best = best_candidate(checked, "auto")
+    assert best is not None and best.runtime == "eager-int8"
+    del checked["eager-int8"], checked["eager-bf16"]
+    assert best_candidate(checked, "auto") is None  # eager, then
+    best = best_candidate(checked, "openvino")  # named explicitly: any passing speed will do
+    assert best is not None and best.runtime == "openvino"
+
+
+def test_bf16_runtimes_are_not_offered_without_native_bf16(small_model_dir: Path, monkeypatch, caplog) -> None:
+    from dicom_node.model.runtime import choice as choice_module
+    from dicom_node.model.runtime.base import RuntimeUnavailable
+    from dicom_node.model.runtime.cpu import native_bf16_refusal
+
+    avx2_only = frozenset({"avx2", "fma", "avx512f"})
+    assert native_bf16_refusal(frozenset({"avx512_bf16"})) is None
+    assert native_bf16_refusal(frozenset({"amx_bf16"})) is None
+    reason = native_bf16_refusal(avx2_only)
+    assert reason is not None and "native bf16" in reason
+    monkeypatch.setattr(choice_module, "native_bf16_refusal", lambda: reason)
+    monkeypatch.setattr("dicom_node.model.runtime.cpu.cpu_flags", lambda: avx2_only)
+    loaded = _loaded(small_model_dir)
+    with caplog.at_level(logging.INFO, logger="dicom_node.model.runtime"):
+        choice = choose_runtime("eager-bf16", loaded, threads=2)  # refused before any check runs
+    assert choice.runtime.name == "eager" and choice.checked["eager-bf16"] == f"unavailable: {reason}"
+    assert not any("event=runtime.checked" in r.getMessage() for r in caplog.records)
+    assert any("event=runtime.refused" in r.getMessage() for r in caplog.records)
+    for name in ("eager-bf16", "openvino-bf16"):
+        with pytest.raises(RuntimeUnavailable, match="native bf16"):
+            build_runtime(name, loaded)
+
+
+@pytest.mark.parametrize("name", ["eager-bf16", "openvino-bf16"])
+def test_bf16_runtimes_go_through_the_rule_on_the_parity_images(parity_loaded, parity_reference, name: str) -> None:
+    """Where the CPU has native bf16, each bf16 runtime runs and is judged; the verdict is the
+    measurement's (the rule decides; whether ``auto`` may use it follows from ``passed``)."""
+    reason = cpu_refusal(name)
+    if reason is not None:
+        pytest.skip(reason)  # legitimate only on a CPU without avx512_bf16 / amx_bf16
+    runtime = build_runtime(name, parity_loaded, threads=2)
+    agreement = check_agreement(runtime, parity_reference, timed_runs=1)
+    assert agreement.runtime == name and agreement.fp32_instances >= 170
+    assert agreement.passed == (not agreement.failures())
+    out = runtime.forward(parity_reference.prepared[1].tensor)
+    assert out.pred_logits.dtype == out.pred_masks.dtype == torch.float32
+    # bf16 is not fp32: the raw outputs move (else this would test nothing), yet little
+    eager = EagerRuntime(parity_loaded.model).forward(parity_reference.prepared[1].tensor)
+    moved = float((out.pred_masks - eager.pred_masks).abs().max())
+    assert 0.0 < moved < 0.5 * float(eager.pred_masks.abs().max())

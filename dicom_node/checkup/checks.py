@@ -129,7 +129,7 @@ def _runtime_row(config: NodeConfig, loaded: LoadedModel) -> CheckRow:
     workers set them), so "cached" means the first start loads a result and measures nothing."""
     from dicom_node.model.runtime.agreement import Agreement
     from dicom_node.model.runtime.cache import CACHE_DIR_NAME, read_json
-    from dicom_node.model.runtime.choice import best_candidate, check_key
+    from dicom_node.model.runtime.choice import best_candidate, check_key, cpu_refusal
     from dicom_node.model.runtime.names import CANDIDATES, RuntimeName
     from dicom_node.pipeline.worker import torch_threads
 
@@ -140,6 +140,7 @@ def _runtime_row(config: NodeConfig, loaded: LoadedModel) -> CheckRow:
         return ok("runtime", "eager (the fp32 reference): nothing to measure")
     threads = torch_threads(config.worker)
     names = [str(n) for n in CANDIDATES] if requested == RuntimeName.AUTO else [str(requested)]
+    names = [name for name in names if cpu_refusal(name) is None]  # never measured on this CPU
     keys = {name: check_key(name, threads) for name in names}
     stem = f"agreement-{loaded.digest[:16]}.json"
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")

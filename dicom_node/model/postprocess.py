@@ -8,15 +8,28 @@ The official code upsamples all 100 query masks to the photo's size (300 MB at 1
   that can pass are drawn at all;
 * mask statistics and painting run only inside the bounding box of the query's positive
   logits: outside it all four bilinear source neighbours are <= 0, so the upsampled logit is
-  <= 0 and the pixel contributes nothing to the mask or its score; and only that box is
-  upsampled to the photo's size (two 1-D passes that give the 2-D kernel's bits exactly);
-* the label map is painted as we go (a best-score map decides each pixel), so no full-size
-  float mask is ever kept; part masks are recomputed on demand from the 14 MB of stride-4
+  <= 0 and the pixel contributes nothing to the mask or its score;
+* the photo-size logits are computed with ATen's own per-element arithmetic
+  (``fma(src[i0], w0, src[i1] * w1)`` along each axis, :func:`_lerp`) from gathers and
+  broadcast multiplies, which stream at memory speed, instead of ``F.interpolate``'s generic
+  kernel (about 40-60 ms per 12 MP query here against ~2 ms per streaming pass). Only for
+  enlarging steps (the photo larger than the network input), and only after the weights and
+  the arithmetic are checked against ``F.interpolate`` for the sizes (:func:`explicit_is_exact`);
+  otherwise (a shrinking step, another build or CPU) the code uses ``F.interpolate`` itself;
+* the score's sum runs over the same window-shaped float32 buffer as the official
+  ``sigmoid(x) * (x > 0)`` (same element count, same order, same threads), so its bits are
+  the ones a full-size computation gives on that window: torch's vectorised and scalar sigmoid
+  differ in the last bit for ~0.1 % of inputs, and which elements take which path depends on
+  the buffer's length, so the sigmoid is never applied to a compacted array;
+* the label map is a running maximum of per-part keys (the float32 score, its lowest bits
+  replaced by the class), one ``maximum`` per part instead of a compare-and-paint, read back
+  with one bit mask at the end; part masks are recomputed on demand from the 14 MB of stride-4
   logits (``LazyMask``).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -27,6 +40,8 @@ import torch.nn.functional as F
 SCORE_CUT = 0.1
 TOPK = 100
 RESIZED_CHUNK = 16  # queries upsampled to the network input size at once
+CLASS_BITS = 5  # label-map keys carry the class id in this many low bits (M2FP parts: 1..19)
+_EXACT_COUNT = 1 << 24  # float32 sums of 0/1 are exact integers below this
 
 
 @dataclass(frozen=True)
@@ -66,11 +81,93 @@ def _source_index(out_size: int, in_size: int) -> tuple[torch.Tensor, torch.Tens
     return i0, i1, lam
 
 
+@dataclass(frozen=True)
+class Axis:
+    """ATen's bilinear (align_corners=False) taps along one axis: output k reads sources i0[k]
+    and i1[k] with weights w0[k] and w1[k]."""
+
+    i0: torch.Tensor
+    i1: torch.Tensor
+    w0: torch.Tensor
+    w1: torch.Tensor
+
+    def part(self, index: slice) -> Axis:
+        return Axis(self.i0[index], self.i1[index], self.w0[index], self.w1[index])
+
+    def shifted(self, offset: int) -> Axis:
+        """The same taps on a source that starts ``offset`` rows later."""
+        return Axis(self.i0 - offset, self.i1 - offset, self.w0, self.w1)
+
+
+@functools.lru_cache(maxsize=64)
+def linear_axis(out_size: int, in_size: int) -> Axis:
+    """ATen's taps (UpSample.h, align_corners=False): scale = float(in) / out, source position
+    fma(scale, k + 0.5, -0.5) clamped at 0, lambda = position - floor(position).
+
+    The float32 fma is computed in float64, where the product of two float32 numbers and the
+    subtraction of 0.5 are both exact, then rounded once: the fused result, bit for bit.
+    """
+    scale = np.float32(in_size) / np.float32(out_size)
+    pos = np.float64(scale) * (np.arange(out_size, dtype=np.float32) + np.float32(0.5)).astype(np.float64) - 0.5
+    src = np.maximum(pos.astype(np.float32), np.float32(0))
+    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    i1 = np.minimum(i0 + 1, in_size - 1)
+    lam = np.clip(src - i0.astype(np.float32), np.float32(0), np.float32(1)).astype(np.float32)
+    return Axis(torch.from_numpy(i0), torch.from_numpy(i1), torch.from_numpy(np.float32(1) - lam),
+                torch.from_numpy(lam))
+
+
+def _lerp(src: torch.Tensor, axis: Axis, dim: int, out: torch.Tensor | None = None,
+          scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """``fma(src[i0], w0, src[i1] * w1)`` along ``dim``: what ATen's bilinear kernel computes
+    for each output element (the other axis's weights being 1 and 0 in a one-axis pass).
+
+    ``out`` and ``scratch`` (same shape as the result) avoid fresh allocations.
+    """
+    shape = [1] * src.dim()
+    shape[dim] = -1
+    if out is None:
+        out = torch.index_select(src, dim, axis.i1)
+    else:
+        torch.index_select(src, dim, axis.i1, out=out)
+    out.mul_(axis.w1.view(shape))
+    a = torch.index_select(src, dim, axis.i0) if scratch is None else torch.index_select(src, dim, axis.i0,
+                                                                                             out=scratch)
+    return out.addcmul_(a, axis.w0.view(shape))  # out + a * w0, fused: one rounding, as ATen's
+
+
+@functools.lru_cache(maxsize=64)
+def explicit_is_exact(out_hw: tuple[int, int], in_hw: tuple[int, int]) -> bool:
+    """Whether :func:`_lerp` on both axes gives ``F.interpolate``'s bits from ``in_hw`` to ``out_hw``
+    (enlarging only).
+
+    Random probes through every output row and column (every tap and weight at these sizes),
+    plus one small two-axis resize whose width is not a multiple of the vector length (the
+    composition, and addcmul's scalar tail as well as its vector body). A build whose kernel
+    rounds differently (no FMA) differs on a large fraction of random inputs, not a rare one.
+    """
+    (out_h, out_w), (in_h, in_w) = out_hw, in_hw
+    if out_h < in_h or out_w < in_w:
+        # Shrinking: ATen's kernel was seen to round a * w0 + b * w1 in the other order for some
+        # shapes (3 of 80 random cases; never in 520 enlarging ones), so keep F.interpolate there.
+        return False
+    gen = torch.Generator().manual_seed(20260117)
+    checks = [((3, in_w), (3, out_w)), ((in_h, 3), (out_h, 3)), ((37, 53), (150, 211))]
+    for (sh, sw), (oh, ow) in checks:
+        src = torch.randn(sh, sw, generator=gen) * 8
+        want = F.interpolate(src[None, None], size=(oh, ow), mode="bilinear", align_corners=False)[0, 0]
+        got = _lerp(_lerp(src, linear_axis(ow, sw), 1), linear_axis(oh, sh), 0)
+        if not torch.equal(got, want):
+            return False
+    return True
+
+
 class MaskUpsampler:
     """Stride-4 mask logits -> padded input size -> crop -> photo size, the official chain.
 
-    Both steps are F.interpolate (bilinear, align_corners=False), so the photo-size logits are
-    bit-identical to the official ones; only the statistics are restricted to a window.
+    Both steps are F.interpolate (bilinear, align_corners=False) in the official code; here they
+    are :func:`_lerp` along each axis where :func:`explicit_is_exact` confirms the bits, else
+    F.interpolate itself. Statistics are restricted to a window.
     """
 
     def __init__(self, pred_masks: torch.Tensor, padded_hw: tuple[int, int], resized_hw: tuple[int, int],
@@ -79,26 +176,46 @@ class MaskUpsampler:
         self.padded_hw, self.resized_hw, self.original_hw = padded_hw, resized_hw, original_hw
         self._y = _source_index(original_hw[0], resized_hw[0])
         self._x = _source_index(original_hw[1], resized_hw[1])
+        in_hw = (int(pred_masks.shape[-2]), int(pred_masks.shape[-1]))
+        self.explicit = explicit_is_exact(padded_hw, in_hw) and explicit_is_exact(original_hw, resized_hw)
+        # padded-size taps, cropped to the resized photo: the crop only drops outputs
+        self._ry = linear_axis(padded_hw[0], in_hw[0]).part(slice(0, resized_hw[0]))
+        self._rx = linear_axis(padded_hw[1], in_hw[1]).part(slice(0, resized_hw[1]))
+        self._oy = linear_axis(original_hw[0], resized_hw[0])
+        self._ox = linear_axis(original_hw[1], resized_hw[1])
 
     def resized(self, queries: list[int]) -> torch.Tensor:
         """(k, h, w) logits at the network-input (resized photo) size."""
+        if self.explicit:
+            return _lerp(_lerp(self.pred_masks[queries], self._rx, 2), self._ry, 1)
         x = F.interpolate(self.pred_masks[queries][None], size=self.padded_hw, mode="bilinear", align_corners=False)
         return x[0, :, : self.resized_hw[0], : self.resized_hw[1]]
 
     def photo_size(self, resized: torch.Tensor) -> torch.Tensor:
-        """(k, H, W) logits at the photo's size."""
+        """(k, H, W) logits at the photo's size, by F.interpolate (the reference)."""
         return F.interpolate(resized[None], size=self.original_hw, mode="bilinear", align_corners=False)[0]
 
-    def window_logits(self, resized: torch.Tensor, window: tuple[slice, slice]) -> torch.Tensor:
+    def window_logits(self, resized: torch.Tensor, window: tuple[slice, slice], out: torch.Tensor | None = None,
+                      scratch: torch.Tensor | None = None) -> torch.Tensor:
         """One query's photo-size logits inside ``window``, equal to :meth:`photo_size`'s there.
 
-        ``resized`` is the query's (h, w) logits at the network-input size. PyTorch's bilinear
-        kernel interpolates along the width, then combines two such rows along the height, so a
-        width-only resize followed by a height-only resize gives the same bits
-        (tests/test_postprocess.py checks it). The width pass runs only on the source rows the
-        window reads and the height pass only on the window's columns: a small part on a 12 MP
-        photo costs a fraction of the photo.
+        ``resized`` is the query's (h, w) logits at the network-input size. The width pass runs
+        only on the source rows the window reads and the height pass only on the window's
+        columns: a small part on a 12 MP photo costs a fraction of the photo. ``out`` and
+        ``scratch``: buffers of the window's shape.
         """
+        rows, cols = window
+        if not self.explicit:
+            return self._window_logits_interpolate(resized, window)
+        oy, ox = self._oy.part(rows), self._ox.part(cols)
+        top, bottom = int(oy.i0[0]), int(oy.i1[-1]) + 1  # taps are non-decreasing
+        across = _lerp(resized[top:bottom], ox, 1)
+        return _lerp(across, oy.shifted(top), 0, out=out, scratch=scratch)
+
+    def _window_logits_interpolate(self, resized: torch.Tensor, window: tuple[slice, slice]) -> torch.Tensor:
+        """:meth:`window_logits` by F.interpolate: PyTorch's bilinear kernel interpolates along the
+        width, then combines two such rows along the height, so a width-only resize followed by a
+        height-only resize gives the same bits (tests/test_postprocess.py checks it)."""
         rows, cols = window
         y0, y1, _ = self._y
         src_top, src_bottom = int(y0[rows.start]), int(y1[rows.stop - 1]) + 1
@@ -131,7 +248,8 @@ class MaskUpsampler:
         return slice(int(ys[0]), int(ys[-1]) + 1), slice(int(xs[0]), int(xs[-1]) + 1)
 
     def full_mask(self, query: int) -> np.ndarray:
-        return (self.photo_size(self.resized([query]))[0] > 0).numpy()
+        h, w = self.original_hw
+        return (self.window_logits(self.resized([query])[0], (slice(0, h), slice(0, w))) > 0).numpy()
 
 
 class LazyMask:
@@ -174,21 +292,84 @@ def _passes(candidates: list[Candidate], human_class: int) -> Iterator[tuple[boo
         yield is_human_pass, by_query
 
 
+def mask_score_in_place(logits: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """The official mask score, sum(sigmoid(x) * (x > 0)) / (count(x > 0) + 1e-6), over a window.
+
+    ``logits`` must be contiguous; it is overwritten with the mask as 0.0/1.0 (returned). The
+    sum runs over the window-shaped buffer itself: same length and order as the official
+    computation on that window, so the same float32 rounding and the same vectorised/scalar
+    split of the sigmoid. Logits <= 0 become -inf, whose sigmoid is exactly +0.0, as
+    sigmoid(x) * False is; NaN stays NaN either way.
+    """
+    F.threshold(logits, 0.0, float("-inf"), inplace=True)
+    total = float(logits.sigmoid_().sum())
+    ones = logits.ceil_()  # the sigmoid of a positive logit lies in [0.5, 1]
+    count = int(ones.sum()) if ones.numel() < _EXACT_COUNT else int(ones.count_nonzero())
+    return total / (count + 1e-6), ones
+
+
+def label_key(score: float, class_id: int) -> float:
+    """A part's label-map key: float32(score) with its CLASS_BITS lowest bits replaced by the class.
+
+    Keys order as the scores do, except within one 2**CLASS_BITS-ulp bucket (relative width
+    ~4e-6); :func:`postprocess` checks that no bucket holds two classes, so a running maximum of
+    keys gives the class of the highest-scoring part, as painting in order with ``best < score``
+    (float32) does.
+    """
+    bits = int(np.float32(score).view(np.int32))
+    return float(np.int32((bits >> CLASS_BITS << CLASS_BITS) | class_id).view(np.float32))
+
+
+class _Buffers:
+    """Two flat float32 work buffers, grown to the largest window seen, viewed at each window's shape."""
+
+    def __init__(self) -> None:
+        self._flat = [torch.empty(0), torch.empty(0)]
+
+    def get(self, i: int, shape: tuple[int, int]) -> torch.Tensor:
+        n = shape[0] * shape[1]
+        if self._flat[i].numel() < n:
+            self._flat[i] = torch.empty(n)
+        return self._flat[i][:n].view(shape)
+
+
+def _paint_in_order(up: MaskUpsampler, parts: list[KeptInstance]) -> np.ndarray:
+    """The label map painted part by part in keep order (``best < score`` in float32): the
+    reference semantics, used when two classes share a key bucket (never seen in practice)."""
+    label_map = torch.zeros(up.original_hw, dtype=torch.uint8)
+    best = torch.zeros(up.original_hw, dtype=torch.float32)
+    for part in parts:
+        resized = up.resized([part.query_index])[0]
+        win = up.window(resized > 0)
+        if win is None:
+            continue
+        rows, cols = win
+        positive = up.window_logits(resized, win) > 0
+        win_best = best[rows, cols]  # views: writing them writes the maps
+        wins = torch.lt(win_best, part.score).logical_and_(positive)
+        win_best.masked_fill_(wins, part.score)
+        label_map[rows, cols].masked_fill_(wins, part.class_id)
+    return label_map.numpy()
+
+
 def postprocess(pred_logits: torch.Tensor, pred_masks: torch.Tensor, padded_hw: tuple[int, int],
                 resized_hw: tuple[int, int], original_hw: tuple[int, int], human_class: int) -> PostprocessOutput:
     """Kept parts (score >= 0.1) and humans (score > 0.1), the label map and the human masks.
 
     pred_logits (Q, K+1) and pred_masks (Q, h, w) for one image. Each label-map pixel takes the
-    class of the highest-scoring kept part whose mask covers it, 0 where none does.
+    class of the highest-scoring kept part whose mask covers it (the first kept on a float32
+    tie), 0 where none does.
     """
     candidates = select_candidates(pred_logits, human_class)
     up = MaskUpsampler(pred_masks, padded_hw, resized_hw, original_hw)
-    label_map = torch.zeros(original_hw, dtype=torch.uint8)
-    best = torch.zeros(original_hw, dtype=torch.float32)
+    best_key = torch.zeros(original_hw, dtype=torch.float32)
+    buffers = _Buffers()
     humans: list[KeptInstance] = []
     human_masks: list[np.ndarray] = []
     human_resized: list[torch.Tensor] = []
     parts: list[KeptInstance] = []
+    bucket_class: dict[int, int] = {}
+    keys_exact = human_class <= 1 << CLASS_BITS
     for is_human_pass, by_query in _passes(candidates, human_class):
         queries = list(by_query)
         for start in range(0, len(queries), RESIZED_CHUNK):
@@ -200,27 +381,33 @@ def postprocess(pred_logits: torch.Tensor, pred_masks: torch.Tensor, padded_hw: 
                 if win is None:
                     continue  # no positive pixel: mask score 0, never kept
                 rows, cols = win
-                values = up.window_logits(resized[i], win)
-                positive = values > 0
-                # count_nonzero: a bool .sum() would first copy the window to int64
-                mask_score = float(values.sigmoid_().mul_(positive).sum()) / (int(positive.count_nonzero()) + 1e-6)
+                shape = (rows.stop - rows.start, cols.stop - cols.start)
+                logits = up.window_logits(resized[i], win, out=buffers.get(0, shape), scratch=buffers.get(1, shape))
+                if not logits.is_contiguous() or logits.data_ptr() != buffers.get(0, shape).data_ptr():
+                    logits = buffers.get(0, shape).copy_(logits)  # F.interpolate fallback: own tensor
+                mask_score, ones = mask_score_in_place(logits)
                 for cand in by_query[q]:
                     score = cand.class_prob * mask_score
                     if is_human_pass:
                         if score > SCORE_CUT:
                             humans.append(KeptInstance(q, cand.class_id, cand.class_prob, mask_score, score))
                             full = np.zeros(original_hw, dtype=bool)
-                            full[rows, cols] = positive.numpy()
+                            full[rows, cols] = ones.numpy() != 0
                             human_masks.append(full)
                             human_resized.append(resized_pos)
                     elif score >= SCORE_CUT:
                         overlap = tuple(int((resized_pos & h).sum()) for h in human_resized)
                         parts.append(KeptInstance(q, cand.class_id, cand.class_prob, mask_score, score, overlap))
-                        win_best = best[rows, cols]  # views: writing them writes the maps
-                        wins = torch.lt(win_best, score).logical_and_(positive)
-                        win_best.masked_fill_(wins, score)
-                        label_map[rows, cols].masked_fill_(wins, cand.class_id)
-    return PostprocessOutput(parts, humans, human_masks, label_map.numpy(), up)
+                        key = label_key(score, cand.class_id)
+                        bucket = int(np.float32(key).view(np.int32)) >> CLASS_BITS
+                        keys_exact &= bucket_class.setdefault(bucket, cand.class_id) == cand.class_id
+                        win_best = best_key[rows, cols]  # a view: writing it writes the map
+                        torch.maximum(win_best, torch.mul(ones, key, out=buffers.get(1, shape)), out=win_best)
+    if keys_exact:
+        label_map = (best_key.view(torch.int32) & ((1 << CLASS_BITS) - 1)).to(torch.uint8).numpy()
+    else:
+        label_map = _paint_in_order(up, parts)
+    return PostprocessOutput(parts, humans, human_masks, label_map, up)
 
 
 def postprocess_lowres(pred_logits: torch.Tensor, pred_masks: torch.Tensor, padded_hw: tuple[int, int],

@@ -29,6 +29,9 @@ class NetworkRuntime(ABC):
 
     name: str = ""
     precision: str = "fp32"
+    # Runtimes that share files on disk (the OpenVINO graphs serve fp32 and bf16 inference) name
+    # the same family: ``auto`` keeps the family's files when any of its members is chosen.
+    cache_family: str = ""
 
     def __init__(self) -> None:
         self.last_export_s: float | None = None  # set when the last forward had to export a graph

@@ -54,8 +54,9 @@ def run_checks(model_dir: str, names: list[str], threads: int | None, requested:
         write_json(path, results)
     if requested == RuntimeName.AUTO:  # graphs of a runtime that will not be used are not kept
         best = best_candidate(checked, requested)
+        kept = None if best is None else built[best.runtime].cache_family or best.runtime
         for name, runtime in built.items():
-            if best is None or name != best.runtime:
+            if (runtime.cache_family or name) != kept:  # openvino-bf16 reads openvino's graphs
                 runtime.clear_cache()
 
 

@@ -19,11 +19,12 @@ import torch
 
 from dicom_node.logs import fields
 from dicom_node.model.checkpoint import LoadedModel
-from dicom_node.model.runtime.agreement import Agreement
+from dicom_node.model.runtime.agreement import RULE_VERSION, Agreement
 from dicom_node.model.runtime.base import NetworkRuntime, RuntimeUnavailable
 from dicom_node.model.runtime.cache import cache_dir_for, locked, machine_signature, read_json
+from dicom_node.model.runtime.cpu import native_bf16_refusal
 from dicom_node.model.runtime.eager import EagerRuntime
-from dicom_node.model.runtime.names import CANDIDATES, RUNTIME_CHOICES, RuntimeName
+from dicom_node.model.runtime.names import CANDIDATES, NEEDS_NATIVE_BF16, RUNTIME_CHOICES, RuntimeName
 from dicom_node.model.runtime.registry import build_runtime
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,17 @@ def _versions() -> str:
 
 
 def check_key(name: str, threads: int | None) -> str:
-    return f"{name} threads={threads or torch.get_num_threads()} {_versions()} cpu={machine_signature()}"
+    """What a check result depends on: a result measured under another rule, thread count,
+    package version or CPU is measured again."""
+    return (f"{name} rule={RULE_VERSION} threads={threads or torch.get_num_threads()} {_versions()} "
+            f"cpu={machine_signature()}")
+
+
+def cpu_refusal(name: str) -> str | None:
+    """Why this CPU does not run ``name`` at all (not even its check), or None."""
+    if name in NEEDS_NATIVE_BF16:
+        return native_bf16_refusal()
+    return None
 
 
 def choose_runtime(requested: str, loaded: LoadedModel, threads: int | None = None,
@@ -70,7 +81,9 @@ def choose_runtime(requested: str, loaded: LoadedModel, threads: int | None = No
         choice = RuntimeChoice(eager, None)
         _log_choice(choice, requested, loaded)
         return choice
-    names = candidates if requested == "auto" else (requested,)
+    wanted = candidates if requested == "auto" else (requested,)
+    refused = {name: f"unavailable: {reason}" for name in wanted if (reason := cpu_refusal(name))}
+    names = tuple(name for name in wanted if name not in refused)
     cache = cache_dir_for(loaded.model_dir, loaded.digest)
     results_path = cache / f"agreement-{loaded.digest[:16]}.json"
     keys = {name: check_key(name, threads) for name in names}
@@ -79,8 +92,10 @@ def choose_runtime(requested: str, loaded: LoadedModel, threads: int | None = No
         failure = _check_in_child(loaded, missing, threads, requested, results_path) if missing else None
         results = read_json(results_path)
     checked: dict[str, Agreement | str] = {}
-    for name in names:
-        if keys[name] in results:
+    for name in wanted:
+        if name in refused:
+            checked[name] = refused[name]
+        elif keys[name] in results:
             agreement = checked[name] = Agreement(**results[keys[name]])
             if name in missing:
                 _log_check(agreement, loaded)
@@ -125,8 +140,11 @@ def _check_in_child(loaded: LoadedModel, names: list[str], threads: int | None, 
 
 def _log_check(agreement: Agreement, loaded: LoadedModel) -> None:
     log.info(fields(event="runtime.checked", runtime=agreement.runtime, passed=agreement.passed,
-                    label_agreement=f"{agreement.label_agreement:.5f}",
-                    min_instance_iou=f"{agreement.min_instance_iou:.4f}", lost_instances=agreement.lost_instances,
+                    passed_issue5=agreement.passed_issue5, label_agreement=f"{agreement.label_agreement:.5f}",
+                    unmatched_instances=agreement.unmatched_fp32, added_instances=agreement.unmatched_other,
+                    fp32_instances=agreement.fp32_instances, class_share_pp=f"{agreement.class_share_pp:.3f}",
+                    person_count_diff=agreement.person_count_diff, lost_by_query=agreement.lost_by_query,
+                    min_iou_by_query=f"{agreement.min_iou_by_query:.4f}",
                     network_s=f"{agreement.network_s:.3f}", eager_network_s=f"{agreement.eager_network_s:.3f}",
                     export_s=None if agreement.export_s is None else f"{agreement.export_s:.1f}",
                     model=loaded.digest[:16]))

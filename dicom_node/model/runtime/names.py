@@ -17,8 +17,12 @@ class RuntimeName(StrEnum):
     EAGER = "eager"  # native PyTorch in fp32: the reference
     OPENVINO = "openvino"  # the same fp32 network as an OpenVINO graph per padded input shape
     EAGER_INT8 = "eager-int8"  # an int8 backbone (PyTorch's quantized kernels)
+    OPENVINO_BF16 = "openvino-bf16"  # the OpenVINO graph with bf16 inference precision
+    EAGER_BF16 = "eager-bf16"  # PyTorch bf16 autocast, deformable-attention sampling in fp32
 
 
 RUNTIME_CHOICES: tuple[str, ...] = tuple(name.value for name in RuntimeName)
 RUNTIMES: tuple[RuntimeName, ...] = tuple(name for name in RuntimeName if name != RuntimeName.AUTO)
 CANDIDATES: tuple[RuntimeName, ...] = tuple(name for name in RUNTIMES if name != RuntimeName.EAGER)
+# Offered only where the CPU has bf16 instructions (:mod:`.cpu`); elsewhere listed with the reason.
+NEEDS_NATIVE_BF16: frozenset[RuntimeName] = frozenset({RuntimeName.OPENVINO_BF16, RuntimeName.EAGER_BF16})

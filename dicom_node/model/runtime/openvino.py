@@ -9,6 +9,9 @@ a handful of graphs.
 
 Weights stay fp32 (``compress_to_fp16=False``) and so does inference
 (``INFERENCE_PRECISION_HINT=f32``): OpenVINO would otherwise pick bf16 on CPUs that have it.
+``openvino-bf16`` compiles the same graphs with ``INFERENCE_PRECISION_HINT=bf16`` (the CPU
+plugin keeps the ops it cannot run in bf16 in fp32); it is offered only on CPUs with native bf16
+(:mod:`.cpu`) and, like every candidate, used only when it passes the agreement check.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ class _Traced(nn.Module):
 
 class OpenVinoRuntime(NetworkRuntime):
     name = "openvino"
+    cache_family = "openvino"  # the exported graphs, whatever the inference precision
+    inference_precision = "f32"
 
     def __init__(self, model: M2FP, digest: str, cache_dir: Path, threads: int | None) -> None:
         super().__init__()
@@ -62,7 +67,8 @@ class OpenVinoRuntime(NetworkRuntime):
         self._ov = openvino
         self.model, self.digest, self.cache_dir = model, digest, cache_dir
         self.core = openvino.Core()
-        self.config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+        self.config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY",
+                                       "INFERENCE_PRECISION_HINT": self.inference_precision}
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = int(threads)
         self._compiled: dict[tuple[int, int], Any] = {}
@@ -78,11 +84,11 @@ class OpenVinoRuntime(NetworkRuntime):
         """Delete this model's exported graphs (about 250 MB each): used when ``auto`` rejects
         the runtime, whose decision is kept, so they would never be read."""
         self._compiled.clear()
-        for path in self.cache_dir.glob(f"{self.name}-{self.digest[:16]}-*"):
+        for path in self.cache_dir.glob(f"{self.cache_family}-{self.digest[:16]}-*"):
             path.unlink(missing_ok=True)
 
     def graph_path(self, padded_hw: tuple[int, int]) -> Path:
-        return self.cache_dir / f"{graph_stem(self.name, self.digest, padded_hw)}.xml"
+        return self.cache_dir / f"{graph_stem(self.cache_family, self.digest, padded_hw)}.xml"
 
     def _load(self, hw: tuple[int, int]) -> Any:
         xml = self.graph_path(hw)
@@ -98,7 +104,7 @@ class OpenVinoRuntime(NetworkRuntime):
 
     def _export(self, hw: tuple[int, int], xml: Path) -> float:
         started = time.perf_counter()
-        log.info(fields(event="runtime.export", runtime=self.name, shape=f"{hw[0]}x{hw[1]}",
+        log.info(fields(event="runtime.export", runtime=self.cache_family, shape=f"{hw[0]}x{hw[1]}",
                         model=self.digest[:16], note="first photo of this padded size; cached afterwards"))
         example = torch.zeros((1, 3, *hw), dtype=torch.float32)
         try:
@@ -120,6 +126,14 @@ class OpenVinoRuntime(NetworkRuntime):
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         seconds = time.perf_counter() - started
-        log.info(fields(event="runtime.exported", runtime=self.name, shape=f"{hw[0]}x{hw[1]}",
+        log.info(fields(event="runtime.exported", runtime=self.cache_family, shape=f"{hw[0]}x{hw[1]}",
                         seconds=f"{seconds:.1f}", graph=xml.name))
         return seconds
+
+
+class OpenVinoBf16Runtime(OpenVinoRuntime):
+    """The same graphs, run with bf16 inference precision."""
+
+    name = "openvino-bf16"
+    precision = "bf16 inference precision (OpenVINO CPU plugin)"
+    inference_precision = "bf16"

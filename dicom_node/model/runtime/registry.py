@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from dicom_node.model.checkpoint import LoadedModel
-from dicom_node.model.runtime.base import NetworkRuntime
+from dicom_node.model.runtime.base import NetworkRuntime, RuntimeUnavailable
 from dicom_node.model.runtime.cache import cache_dir_for
 from dicom_node.model.runtime.eager import EagerRuntime
 from dicom_node.model.runtime.names import RUNTIME_CHOICES, RuntimeName
@@ -34,6 +34,22 @@ def _openvino(loaded: LoadedModel, threads: int | None) -> NetworkRuntime:
     return OpenVinoRuntime(loaded.model, loaded.digest, cache_dir_for(loaded.model_dir, loaded.digest), threads)
 
 
+def _openvino_bf16(loaded: LoadedModel, threads: int | None) -> NetworkRuntime:
+    from dicom_node.model.runtime.cpu import native_bf16_refusal
+    from dicom_node.model.runtime.openvino import OpenVinoBf16Runtime
+
+    refusal = native_bf16_refusal()
+    if refusal:
+        raise RuntimeUnavailable(refusal)
+    return OpenVinoBf16Runtime(loaded.model, loaded.digest, cache_dir_for(loaded.model_dir, loaded.digest), threads)
+
+
+def _eager_bf16(loaded: LoadedModel, threads: int | None) -> NetworkRuntime:
+    from dicom_node.model.runtime.bf16 import EagerBf16Runtime
+
+    return EagerBf16Runtime(loaded.model)
+
+
 def _eager_int8(loaded: LoadedModel, threads: int | None) -> NetworkRuntime:
     from dicom_node.model.preprocess import prepare_image
     from dicom_node.model.runtime.agreement import reference_images
@@ -47,6 +63,8 @@ FACTORIES: dict[RuntimeName, Factory] = {
     RuntimeName.EAGER: _eager,
     RuntimeName.OPENVINO: _openvino,
     RuntimeName.EAGER_INT8: _eager_int8,
+    RuntimeName.OPENVINO_BF16: _openvino_bf16,
+    RuntimeName.EAGER_BF16: _eager_bf16,
 }
 
 
