@@ -20,7 +20,7 @@ Baseline: the official ModelScope pipeline measured on this machine kind (../sha
 
     .venv/bin/python scripts/bench_parse.py [--runs 5] [--sizes 1024x768,4000x3000]
         [--runtimes eager,openvino,openvino-bf16,eager-bf16,eager-int8] [--postprocess exact,fast]
-        [--batch 20] [--model-dir DIR]
+        [--batch 20] [--model-dir DIR] [--official [--official-sizes 1024x768]]
 """
 
 from __future__ import annotations
@@ -127,6 +127,49 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+OFFICIAL_TOOL = ROOT.parent / "shared" / "tools" / "official-m2fp"
+OFFICIAL_VENV = Path.home() / ".cache" / "official-m2fp" / "venv"
+
+
+def official(model_dir: Path, sizes: list[str], runs: int, workdir: Path) -> dict[str, dict]:
+    """The official ModelScope pipeline (our peer) on the same photos, in this same invocation.
+
+    ``../shared/tools/official-m2fp`` builds its venv (once, cached) and times it with 2 threads; each size
+    runs in a process of its own, so that its peak RSS is its own and a size the kernel kills (the
+    official pipeline upsamples all 100 query masks to the photo: 4000x3000 needs more than 24 GiB)
+    is reported as killed instead of ending the bench.
+    """
+    from PIL import Image
+
+    python = OFFICIAL_VENV / "bin" / "python"
+    if not python.exists():
+        built = subprocess.run(["bash", str(OFFICIAL_TOOL / "setup.sh"), str(OFFICIAL_VENV)],
+                               capture_output=True, text=True)
+        if built.returncode != 0:
+            return {size: {"error": f"setup.sh failed: {built.stderr.strip()[-300:]}"} for size in sizes}
+    found: dict[str, dict] = {}
+    for size in sizes:
+        w, h = (int(v) for v in size.split("x"))
+        photo = workdir / f"official_{size}.png"
+        Image.fromarray(synthetic_photo(w, h)).save(photo)
+        out = subprocess.run([str(python), str(OFFICIAL_TOOL / "bench_official.py"), str(model_dir), str(photo),
+                              "--runs", str(runs)], capture_output=True, text=True)
+        if out.returncode < 0 or out.returncode == 137:
+            found[size] = {"error": f"killed by signal {-out.returncode if out.returncode < 0 else 9} "
+                                    "(the kernel's OOM killer, most likely)"}
+            continue
+        line = next((ln for ln in out.stdout.splitlines() if "median_s=" in ln), None)
+        rss = next((ln for ln in out.stdout.splitlines() if ln.startswith("peak_rss_gib=")), None)
+        if out.returncode != 0 or line is None or rss is None:
+            found[size] = {"error": f"exit {out.returncode}: {out.stderr.strip()[-300:]}"}
+            continue
+        fields = dict(item.split("=", 1) for item in line.split()[1:])
+        found[size] = {"median_s": float(fields["median_s"]), "min_s": float(fields["min_s"]),
+                       "max_s": float(fields["max_s"]), "instances": int(fields["instances"]),
+                       "peak_rss_gib": float(rss.split("=", 1)[1])}
+    return found
+
+
 def child(args: argparse.Namespace) -> None:
     w, h = (int(v) for v in args.size.split("x"))
     t0 = time.perf_counter()
@@ -209,6 +252,11 @@ def main() -> None:
                     help="postprocess modes: exact (official semantics), fast (network-input size)")
     ap.add_argument("--batch", type=int, default=20, help="photos of the throughput runs (0: skip them)")
     ap.add_argument("--model-dir", type=Path, default=None, help="default: a fresh untrained full-size model")
+    ap.add_argument("--official", action="store_true",
+                    help="also time the official ModelScope pipeline (../shared/tools/official-m2fp) on the same "
+                         "photos and print the ratio to ours (default settings: auto runtime, exact postprocess)")
+    ap.add_argument("--official-sizes", default="1024x768",
+                    help="sizes for --official; 4000x3000 needs more than 24 GiB there and is killed by the kernel")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--size", help=argparse.SUPPRESS)
     ap.add_argument("--runtime", help=argparse.SUPPRESS)
@@ -250,6 +298,7 @@ def main() -> None:
                         print(f"{runtime} {size} {mode}: FAILED\n{out.stderr[-2000:]}", file=sys.stderr)
                         continue
                     rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        peer = official(model_dir, args.official_sizes.split(","), args.runs, Path(tmp)) if args.official else {}
         tput = {}
         if args.batch:
             for jobs in (1, 2):
@@ -282,6 +331,21 @@ def main() -> None:
         print(f"\nThroughput, {args.batch} photos of 1024x768 (eager, exact): 1 job x {args.threads} threads "
               f"{tput[1]:.1f} photos/min; 2 concurrent jobs x {max(1, args.threads // 2)} thread(s) {tput[2]:.1f} "
               f"photos/min")
+    if peer:
+        print(f"\nThe official ModelScope pipeline, same photos, same invocation, {args.runs} runs after warm-up:")
+        auto = checks.get("auto", "").removeprefix("chooses ")
+        for size, got in peer.items():
+            if "error" in got:
+                print(f"  {size}: official {got['error']}")
+                continue
+            print(f"  {size}: official {got['median_s']:.2f} s ({got['min_s']:.2f}-{got['max_s']:.2f}), "
+                  f"{got['peak_rss_gib']:.2f} GiB, {got['instances']} instances")
+            for r in rows:
+                if r["size"] == size and r["postprocess"] == "exact" and r["runtime"] in ("eager", auto):
+                    label = "auto = " + r["runtime"] if r["runtime"] == auto else r["runtime"]
+                    print(f"    ours ({label}, exact): {r['median_s']:.2f} s, {r['peak_rss_gib']:.2f} GiB -> "
+                          f"{got['median_s'] / r['median_s']:.2f}x faster, memory ratio "
+                          f"{r['peak_rss_gib'] / got['peak_rss_gib']:.2f}")
     print()
     for r in rows:
         base = BASELINE.get(r["size"])
