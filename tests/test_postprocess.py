@@ -167,3 +167,23 @@ def test_shrinking_keeps_interpolate() -> None:
     from dicom_node.model.postprocess import explicit_is_exact
 
     assert not explicit_is_exact((64, 48), (853, 640))
+
+
+def test_equal_scores_of_two_classes_paint_as_the_official_order(bench) -> None:
+    """Two parts of different classes with the same float32 score (bf16 networks give such ties)
+    share a label-key bucket: their pixels are decided in keep order, as OLD does."""
+    inp = bench.synthetic_inputs("1024x768", seed=5)
+    logits, masks = inp["pred_logits"].clone(), inp["pred_masks"].clone()
+    src = int(torch.nonzero(masks.flatten(1).amax(1) > 1).flatten()[-1])  # a query with positive logits
+    dst = (src + 1) % logits.shape[0]
+    top = int(logits[src, 1:-2].argmax()) + 1  # its best part class (not Background, human or no-object)
+    other = top % (logits.shape[1] - 3) + 1
+    logits[src, top] = logits[dst, top] = 12.0  # probability ~1 for that class: surely kept
+    logits[dst] = logits[src]
+    logits[dst, [top, other]] = logits[src, [other, top]]  # the same probability, another class
+    masks[dst] = masks[src]
+    inp = {**inp, "pred_logits": logits, "pred_masks": masks}
+    old, new = bench.run(bench.old_postprocess, inp), bench.run(postprocess, inp)
+    tied = [p for p in new.parts if p.query_index in (src, dst)]
+    assert {p.class_id for p in tied} == {top, other} and len({p.score for p in tied}) == 1
+    bench.assert_identical(old, new)

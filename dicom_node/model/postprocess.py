@@ -312,9 +312,9 @@ def label_key(score: float, class_id: int) -> float:
     """A part's label-map key: float32(score) with its CLASS_BITS lowest bits replaced by the class.
 
     Keys order as the scores do, except within one 2**CLASS_BITS-ulp bucket (relative width
-    ~4e-6); :func:`postprocess` checks that no bucket holds two classes, so a running maximum of
-    keys gives the class of the highest-scoring part, as painting in order with ``best < score``
-    (float32) does.
+    ~4e-6): a running maximum of keys gives the class of the highest-scoring part, as painting in
+    order with ``best < score`` (float32) does, wherever the winning bucket holds one class;
+    :func:`postprocess` repaints the pixels of a bucket that holds two (:func:`_repaint_ties`).
     """
     bits = int(np.float32(score).view(np.int32))
     return float(np.int32((bits >> CLASS_BITS << CLASS_BITS) | class_id).view(np.float32))
@@ -333,11 +333,17 @@ class _Buffers:
         return self._flat[i][:n].view(shape)
 
 
-def _paint_in_order(up: MaskUpsampler, parts: list[KeptInstance]) -> np.ndarray:
-    """The label map painted part by part in keep order (``best < score`` in float32): the
-    reference semantics, used when two classes share a key bucket (never seen in practice)."""
-    label_map = torch.zeros(up.original_hw, dtype=torch.uint8)
+def _repaint_ties(up: MaskUpsampler, parts: list[KeptInstance], region: torch.Tensor,
+                  label_map: torch.Tensor) -> None:
+    """Paint ``region`` of ``label_map`` part by part in keep order (``best < score`` in float32):
+    the reference semantics, for the pixels whose winning key bucket holds two classes.
+
+    Every pixel of ``region`` is covered by one of ``parts`` (its maximum key came from one) and
+    by no part of a higher score (that part's key would be higher), so painting only these
+    parts, only there, gives what painting every part everywhere gives.
+    """
     best = torch.zeros(up.original_hw, dtype=torch.float32)
+    painted = torch.zeros(up.original_hw, dtype=torch.uint8)
     for part in parts:
         resized = up.resized([part.query_index])[0]
         win = up.window(resized > 0)
@@ -346,10 +352,10 @@ def _paint_in_order(up: MaskUpsampler, parts: list[KeptInstance]) -> np.ndarray:
         rows, cols = win
         positive = up.window_logits(resized, win) > 0
         win_best = best[rows, cols]  # views: writing them writes the maps
-        wins = torch.lt(win_best, part.score).logical_and_(positive)
+        wins = torch.lt(win_best, part.score).logical_and_(positive).logical_and_(region[rows, cols])
         win_best.masked_fill_(wins, part.score)
-        label_map[rows, cols].masked_fill_(wins, part.class_id)
-    return label_map.numpy()
+        painted[rows, cols].masked_fill_(wins, part.class_id)
+    label_map[region] = painted[region]
 
 
 def postprocess(pred_logits: torch.Tensor, pred_masks: torch.Tensor, padded_hw: tuple[int, int],
@@ -368,7 +374,7 @@ def postprocess(pred_logits: torch.Tensor, pred_masks: torch.Tensor, padded_hw: 
     human_masks: list[np.ndarray] = []
     human_resized: list[torch.Tensor] = []
     parts: list[KeptInstance] = []
-    bucket_class: dict[int, int] = {}
+    bucket_parts: dict[int, list[int]] = {}  # key bucket -> indices into parts
     keys_exact = human_class <= 1 << CLASS_BITS
     for is_human_pass, by_query in _passes(candidates, human_class):
         queries = list(by_query)
@@ -400,14 +406,20 @@ def postprocess(pred_logits: torch.Tensor, pred_masks: torch.Tensor, padded_hw: 
                         parts.append(KeptInstance(q, cand.class_id, cand.class_prob, mask_score, score, overlap))
                         key = label_key(score, cand.class_id)
                         bucket = int(np.float32(key).view(np.int32)) >> CLASS_BITS
-                        keys_exact &= bucket_class.setdefault(bucket, cand.class_id) == cand.class_id
+                        bucket_parts.setdefault(bucket, []).append(len(parts) - 1)
                         win_best = best_key[rows, cols]  # a view: writing it writes the map
                         torch.maximum(win_best, torch.mul(ones, key, out=buffers.get(1, shape)), out=win_best)
-    if keys_exact:
-        label_map = (best_key.view(torch.int32) & ((1 << CLASS_BITS) - 1)).to(torch.uint8).numpy()
+    label_map = (best_key.view(torch.int32) & ((1 << CLASS_BITS) - 1)).to(torch.uint8)
+    if not keys_exact:  # class ids beyond CLASS_BITS: every pixel by the reference painting
+        _repaint_ties(up, parts, torch.ones(original_hw, dtype=torch.bool), label_map)
     else:
-        label_map = _paint_in_order(up, parts)
-    return PostprocessOutput(parts, humans, human_masks, label_map, up)
+        # A bucket that two classes share (equal or nearly equal scores: seen with bf16 networks,
+        # whose coarser logits give ties) decides its pixels by the reference painting.
+        for bucket, members in bucket_parts.items():
+            if len({parts[i].class_id for i in members}) > 1:
+                region = (best_key.view(torch.int32) >> CLASS_BITS) == bucket
+                _repaint_ties(up, [parts[i] for i in members], region, label_map)
+    return PostprocessOutput(parts, humans, human_masks, label_map.numpy(), up)
 
 
 def postprocess_lowres(pred_logits: torch.Tensor, pred_masks: torch.Tensor, padded_hw: tuple[int, int],
