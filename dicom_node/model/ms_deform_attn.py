@@ -85,4 +85,7 @@ class MSDeformAttn(nn.Module):
         weights = self.attention_weights(query).view(n, lq, self.n_heads, self.n_levels * self.n_points)
         weights = F.softmax(weights, -1).view(n, lq, self.n_heads, self.n_levels, self.n_points)
         points = reference_px[:, :, None, :, None, :] + offsets
-        return self.output_proj(ms_deform_attn_core(value, spatial_shapes, points, weights))
+        # The sampler always runs in fp32 (a no-op for an fp32 model): under bf16 autocast the
+        # projections come out bf16, and embedding_bag takes one dtype for table and weights.
+        sampled = ms_deform_attn_core(value.float(), spatial_shapes, points.float(), weights.float())
+        return self.output_proj(sampled)

@@ -26,3 +26,7 @@ RUNTIMES: tuple[RuntimeName, ...] = tuple(name for name in RuntimeName if name !
 CANDIDATES: tuple[RuntimeName, ...] = tuple(name for name in RUNTIMES if name != RuntimeName.EAGER)
 # Offered only where the CPU has bf16 instructions (:mod:`.cpu`); elsewhere listed with the reason.
 NEEDS_NATIVE_BF16: frozenset[RuntimeName] = frozenset({RuntimeName.OPENVINO_BF16, RuntimeName.EAGER_BF16})
+# Raised when what a runtime computes changes, so that checks cached under the old code are
+# measured again (part of :func:`~dicom_node.model.runtime.choice.check_key`).
+# eager-bf16 2: only the sampling offsets and the sampler stay fp32 (was: every MSDeformAttn whole).
+REVISIONS: dict[RuntimeName, int] = {RuntimeName.EAGER_BF16: 2}
