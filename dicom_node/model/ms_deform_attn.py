@@ -2,9 +2,31 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@functools.lru_cache(maxsize=2)
+def _point_constants(spatial_shapes: tuple[tuple[int, int], ...], n: int, lq: int, m: int, n_points: int,
+                     rows_per_image: int) -> tuple[torch.Tensor, ...]:
+    """Per sampling point (N, Lq, M, L, P): its level's width, height, last column and row, the
+    table rows one padded row down (``(W + 2) * M``), and the table row of the top-left corner
+    when ``x0 = y0 = 0`` (level start, head, image). Materialised once per input shape (~26 MB
+    at 640x864) because the same arithmetic broadcast from (L, 1) runs element by element: with
+    full-size operands every op is one vectorised pass (2.2x faster sampler, same bits)."""
+    n_levels = len(spatial_shapes)
+    shape = (n, lq, m, n_levels, n_points)
+    sizes = torch.tensor(spatial_shapes, dtype=torch.float32)
+    height = sizes[:, 0].view(n_levels, 1).expand(shape).contiguous()
+    width = sizes[:, 1].view(n_levels, 1).expand(shape).contiguous()
+    starts = torch.tensor([0] + [(h + 2) * (w + 2) for h, w in spatial_shapes[:-1]], dtype=torch.float32).cumsum(0)
+    row_down = (width + 2) * m
+    corner = (starts.view(n_levels, 1) * m + torch.arange(m, dtype=torch.float32).view(m, 1, 1)
+              + (torch.arange(n, dtype=torch.float32) * (rows_per_image * m)).view(n, 1, 1, 1, 1))
+    return width, height, width - 1, height - 1, row_down, (corner + row_down + m).contiguous()
 
 
 def ms_deform_attn_core(value: torch.Tensor, spatial_shapes: list[tuple[int, int]],
@@ -23,34 +45,33 @@ def ms_deform_attn_core(value: torch.Tensor, spatial_shapes: list[tuple[int, int
     level gets a one-pixel zero border and locations are clamped onto it, which reproduces
     grid_sample's zeros padding (align_corners=False) exactly. Same sums in another order
     (differences ~1e-6), about 1.7x less CPU time than grid_sample on this machine.
+
+    Row indices are computed in float32 (exact: integers below 2**24, ~10**5 here) against
+    per-point constants (:func:`_point_constants`) and handed over as int32, which
+    ``embedding_bag`` takes: half the bytes of int64 for the largest array here.
     """
     n, _, m, d = value.shape
     _, lq, _, n_levels, n_points, _ = sampling_points.shape
-    padded, level_starts, start, offset = [], [], 0, 0
+    padded, rows_per_image, offset = [], 0, 0
     for h, w in spatial_shapes:
         level = value[:, offset:offset + h * w].reshape(n, h, w, m * d)
         padded.append(F.pad(level, (0, 0, 1, 1, 1, 1)).reshape(n, (h + 2) * (w + 2), m * d))
-        level_starts.append(start)
-        start += (h + 2) * (w + 2)
+        rows_per_image += (h + 2) * (w + 2)
         offset += h * w
-    rows_per_image = start
     table = torch.cat(padded, 1).reshape(n * rows_per_image * m, d)  # row = (image, padded pixel, head)
 
-    sizes = torch.tensor(spatial_shapes, dtype=value.dtype, device=value.device)
-    height, width = sizes[:, 0].view(n_levels, 1), sizes[:, 1].view(n_levels, 1)
-    padded_width = (width + 2).long()
+    width, height, last_col, last_row, row_down, corner = _point_constants(
+        tuple((int(h), int(w)) for h, w in spatial_shapes), n, lq, m, n_points, rows_per_image)
+    xy = sampling_points.movedim(-1, 0).contiguous()
     # clamped onto the zero border: a point further out reads only zeros either way
-    x = torch.minimum(sampling_points[..., 0].clamp(min=-1), width)
-    y = torch.minimum(sampling_points[..., 1].clamp(min=-1), height)
-    x0 = torch.minimum(x.floor(), width - 1)
-    y0 = torch.minimum(y.floor(), height - 1)
-    fx, fy = x - x0, y - y0
-    pixel = (y0.long() + 1) * padded_width + (x0.long() + 1)
-    pixel += torch.tensor(level_starts, device=value.device).view(n_levels, 1)
-    pixel += torch.arange(n, device=value.device).view(n, 1, 1, 1, 1) * rows_per_image
-    top_left = pixel * m + torch.arange(m, device=value.device).view(1, 1, m, 1, 1)
-    down = padded_width * m
-    index = torch.stack((top_left, top_left + m, top_left + down, top_left + down + m), -1)
+    x = torch.minimum(xy[0].clamp_(min=-1), width)
+    y = torch.minimum(xy[1].clamp_(min=-1), height)
+    x0 = torch.minimum(x.floor(), last_col)
+    y0 = torch.minimum(y.floor(), last_row)
+    fx, fy = x.sub_(x0), y.sub_(y0)
+    # ((y0 + 1) * (W + 2) + x0 + 1 + level start) * M + head + image rows
+    top_left = torch.addcmul(corner, y0, row_down).add_(x0, alpha=m)
+    index = torch.stack((top_left, top_left + m, top_left + row_down, top_left + row_down + m), -1).to(torch.int32)
     w_bottom = attention_weights * fy
     w_top = attention_weights - w_bottom
     w_top_right, w_bottom_right = w_top * fx, w_bottom * fx
