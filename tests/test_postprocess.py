@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -81,10 +83,37 @@ def test_window_logits_are_the_photo_size_logits_bit_for_bit(original_hw) -> Non
     resized = up.resized([0, 1, 2])
     full = up.photo_size(resized)
     h, w = original_hw
-    for i, win in enumerate([(slice(0, h), slice(0, w)), (slice(h // 3, h // 2), slice(w // 5, w - 7)),
-                             (slice(h - 1, h), slice(0, 1))]):
-        got = up.window_logits(resized[i], win)
-        assert torch.equal(got, full[i][win]), win
+    windows = [(slice(0, h), slice(0, w)), (slice(h // 3, h // 2), slice(w // 5, w - 7)),
+               (slice(h - 1, h), slice(0, 1)), (slice(1, h - 2), slice(3, w)), (slice(0, 7), slice(0, w))]
+    for i, win in enumerate(windows):
+        shape = (win[0].stop - win[0].start, win[1].stop - win[1].start)
+        got = up.window_logits(resized[i % 3], win)
+        assert torch.equal(got, full[i % 3][win]), win
+        # with a buffer: the periodic row pass (tap_period) where the height has one
+        buffered = up.window_logits(resized[i % 3], win, out=torch.full(shape, float("nan")),
+                                    scratch=torch.empty(shape))
+        assert torch.equal(buffered, full[i % 3][win]), win
+
+
+@pytest.mark.parametrize(("out_size", "in_size"), [(3000, 640), (768, 640), (3024, 640), (1536, 640), (1280, 640)])
+def test_periodic_row_pass_is_the_gathered_one_bit_for_bit(out_size, in_size) -> None:
+    """_lerp_rows (strided views, one phase of the tap period at a time) against _lerp (gathers),
+    on windows that start at the clamped first rows, end at the last, and are shorter than two periods."""
+    from dicom_node.model.postprocess import _lerp, _lerp_rows, linear_axis, tap_period
+
+    period = tap_period(out_size, in_size)
+    assert period is not None and period[0] == out_size // math.gcd(out_size, in_size)
+    gen = torch.Generator().manual_seed(out_size)
+    src = torch.randn(in_size, 37, generator=gen) * 4
+    axis = linear_axis(out_size, in_size)
+    for rows in [slice(0, out_size), slice(0, out_size // 3), slice(out_size // 2, out_size), slice(5, 5 + period[0])]:
+        part = axis.part(rows)
+        top = int(part.i0[0])
+        bottom = int(part.i1[-1]) + 1
+        want = _lerp(src[top:bottom], part.shifted(top), 0)
+        got = _lerp_rows(src[top:bottom].contiguous(), part.shifted(top), torch.full(want.shape, float("nan")), period)
+        assert torch.equal(got, want), rows
+    assert tap_period(643, 640) is None  # no period shorter than the photo: gathers as before
 
 
 def _load_bench():
