@@ -113,6 +113,11 @@ def test_periodic_row_pass_is_the_gathered_one_bit_for_bit(out_size, in_size) ->
         want = _lerp(src[top:bottom], part.shifted(top), 0)
         got = _lerp_rows(src[top:bottom].contiguous(), part.shifted(top), torch.full(want.shape, float("nan")), period)
         assert torch.equal(got, want), rows
+    # a batch of queries (k, S, W), as MaskUpsampler.resized runs it
+    batch = torch.randn(3, in_size, 37, generator=gen)
+    want = _lerp(batch, axis, 1)
+    got = _lerp_rows(batch, axis, torch.full(want.shape, float("nan")), period)
+    assert torch.equal(got, want)
     assert tap_period(643, 640) is None  # no period shorter than the photo: gathers as before
 
 

@@ -173,7 +173,8 @@ def tap_period(out_size: int, in_size: int) -> tuple[int, int] | None:
 
 
 def _lerp_rows(src: torch.Tensor, axis: Axis, out: torch.Tensor, period: tuple[int, int]) -> torch.Tensor:
-    """:func:`_lerp` along dim 0 of a 2-D contiguous ``src`` into contiguous ``out``, without gathers.
+    """:func:`_lerp` along the rows (dim -2) of a contiguous (S, W) or (k, S, W) ``src`` into a
+    contiguous ``out``, without gathers.
 
     Output rows u, u + p, u + 2p, ... read source rows i0[u] + j*q (and i1[u] + j*q): strided
     views of ``src``, so each phase is one multiply into a strided view of ``out`` and one
@@ -183,10 +184,12 @@ def _lerp_rows(src: torch.Tensor, axis: Axis, out: torch.Tensor, period: tuple[i
     :func:`_lerp` afterwards.
     """
     p, q = period
-    rows_out, width = out.shape
+    rows_out, width = out.shape[-2:]
+    rows_src = src.shape[-2]
+    batch = 1 if src.dim() == 2 else src.shape[0]
     i0, i1 = axis.i0.numpy(), axis.i1.numpy()
     if rows_out < 2 * p:
-        return _lerp(src, axis, 0, out=out)
+        return _lerp(src, axis, src.dim() - 2, out=out)
     # link k -> k + p holds where both taps move by exactly q rows
     linked = (i0[p:] == i0[:-p] + q) & (i1[p:] == i1[:-p] + q)
     broken = set(np.nonzero(~linked)[0].tolist())
@@ -203,15 +206,17 @@ def _lerp_rows(src: torch.Tensor, axis: Axis, out: torch.Tensor, period: tuple[i
                     stretch_start = k + p
             first, last = best
         n = (last - first) // p + 1
-        dst = out.as_strided((n, width), (p * width, 1), base + first * width)
-        top = src.as_strided((n, width), (q * width, 1), base_src + int(i0[first]) * width)
-        bottom = src.as_strided((n, width), (q * width, 1), base_src + int(i1[first]) * width)
+        size = (batch, n, width)
+        dst = out.as_strided(size, (rows_out * width, p * width, 1), base + first * width)
+        top = src.as_strided(size, (rows_src * width, q * width, 1), base_src + int(i0[first]) * width)
+        bottom = src.as_strided(size, (rows_src * width, q * width, 1), base_src + int(i1[first]) * width)
         torch.mul(bottom, axis.w1[first:last + 1:p].view(n, 1), out=dst)
         dst.addcmul_(top, axis.w0[first:last + 1:p].view(n, 1))
         done[first:last + 1:p] = True
     rest = torch.from_numpy(np.nonzero(~done)[0])
     if rest.numel():
-        out[rest] = _lerp(src, Axis(axis.i0[rest], axis.i1[rest], axis.w0[rest], axis.w1[rest]), 0)
+        rows = Axis(axis.i0[rest], axis.i1[rest], axis.w0[rest], axis.w1[rest])
+        out[..., rest, :] = _lerp(src, rows, src.dim() - 2)
     return out
 
 
@@ -263,11 +268,16 @@ class MaskUpsampler:
         self._oy = linear_axis(original_hw[0], resized_hw[0])
         self._ox = linear_axis(original_hw[1], resized_hw[1])
         self._row_period = tap_period(original_hw[0], resized_hw[0])
+        self._resized_period = tap_period(padded_hw[0], in_hw[0])  # the crop keeps the padded taps
 
     def resized(self, queries: list[int]) -> torch.Tensor:
         """(k, h, w) logits at the network-input (resized photo) size."""
         if self.explicit:
-            return _lerp(_lerp(self.pred_masks[queries], self._rx, 2), self._ry, 1)
+            across = _lerp(self.pred_masks[queries], self._rx, 2)
+            if self._resized_period is not None:
+                out = torch.empty((len(queries), self.resized_hw[0], self.resized_hw[1]))
+                return _lerp_rows(across, self._ry, out, self._resized_period)
+            return _lerp(across, self._ry, 1)
         x = F.interpolate(self.pred_masks[queries][None], size=self.padded_hw, mode="bilinear", align_corners=False)
         return x[0, :, : self.resized_hw[0], : self.resized_hw[1]]
 
