@@ -12,21 +12,23 @@ from torch import nn
 @functools.lru_cache(maxsize=2)
 def _point_constants(spatial_shapes: tuple[tuple[int, int], ...], n: int, lq: int, m: int, n_points: int,
                      rows_per_image: int) -> tuple[torch.Tensor, ...]:
-    """Per sampling point (N, Lq, M, L, P): its level's width, height, last column and row, the
-    table rows one padded row down (``(W + 2) * M``), and the table row of the top-left corner
-    when ``x0 = y0 = 0`` (level start, head, image). Materialised once per input shape (~26 MB
-    at 640x864) because the same arithmetic broadcast from (L, 1) runs element by element: with
-    full-size operands every op is one vectorised pass (2.2x faster sampler, same bits)."""
+    """Per sampling point (N, Lq, M, L, P): its level's width, height, last column and row
+    (float32), the table rows one padded row down (``(W + 2) * M``) and the table row of the
+    top-left corner when ``x0 = y0 = 0`` (level start, head, image; int32). Materialised once
+    per input shape (~26 MB at 640x864) because the same arithmetic broadcast from (L, 1) runs
+    element by element: with full-size operands every op is one vectorised pass (2.2x faster
+    sampler, same bits). Row indices stay integer arithmetic: an exporter that lowers float
+    arithmetic to bf16 (OpenVINO's bf16 inference precision) must not round them."""
     n_levels = len(spatial_shapes)
     shape = (n, lq, m, n_levels, n_points)
     sizes = torch.tensor(spatial_shapes, dtype=torch.float32)
     height = sizes[:, 0].view(n_levels, 1).expand(shape).contiguous()
     width = sizes[:, 1].view(n_levels, 1).expand(shape).contiguous()
-    starts = torch.tensor([0] + [(h + 2) * (w + 2) for h, w in spatial_shapes[:-1]], dtype=torch.float32).cumsum(0)
-    row_down = (width + 2) * m
-    corner = (starts.view(n_levels, 1) * m + torch.arange(m, dtype=torch.float32).view(m, 1, 1)
-              + (torch.arange(n, dtype=torch.float32) * (rows_per_image * m)).view(n, 1, 1, 1, 1))
-    return width, height, width - 1, height - 1, row_down, (corner + row_down + m).contiguous()
+    starts = torch.tensor([0] + [(h + 2) * (w + 2) for h, w in spatial_shapes[:-1]], dtype=torch.int32).cumsum(0)
+    row_down = ((sizes[:, 1].to(torch.int32) + 2) * m).view(n_levels, 1).expand(shape).contiguous()
+    corner = (starts.view(n_levels, 1) * m + torch.arange(m, dtype=torch.int32).view(m, 1, 1)
+              + (torch.arange(n, dtype=torch.int32) * (rows_per_image * m)).view(n, 1, 1, 1, 1))
+    return width, height, width - 1, height - 1, row_down, (corner + row_down + m).to(torch.int32).contiguous()
 
 
 def ms_deform_attn_core(value: torch.Tensor, spatial_shapes: list[tuple[int, int]],
@@ -46,9 +48,8 @@ def ms_deform_attn_core(value: torch.Tensor, spatial_shapes: list[tuple[int, int
     grid_sample's zeros padding (align_corners=False) exactly. Same sums in another order
     (differences ~1e-6), about 1.7x less CPU time than grid_sample on this machine.
 
-    Row indices are computed in float32 (exact: integers below 2**24, ~10**5 here) against
-    per-point constants (:func:`_point_constants`) and handed over as int32, which
-    ``embedding_bag`` takes: half the bytes of int64 for the largest array here.
+    Row indices are int32 (``embedding_bag`` takes them: half the bytes of int64 for the largest
+    array here), computed against per-point constants (:func:`_point_constants`).
     """
     n, _, m, d = value.shape
     _, lq, _, n_levels, n_points, _ = sampling_points.shape
@@ -70,8 +71,8 @@ def ms_deform_attn_core(value: torch.Tensor, spatial_shapes: list[tuple[int, int
     y0 = torch.minimum(y.floor(), last_row)
     fx, fy = x.sub_(x0), y.sub_(y0)
     # ((y0 + 1) * (W + 2) + x0 + 1 + level start) * M + head + image rows
-    top_left = torch.addcmul(corner, y0, row_down).add_(x0, alpha=m)
-    index = torch.stack((top_left, top_left + m, top_left + row_down, top_left + row_down + m), -1).to(torch.int32)
+    top_left = torch.addcmul(corner, y0.to(torch.int32), row_down).add_(x0.to(torch.int32), alpha=m)
+    index = torch.stack((top_left, top_left + m, top_left + row_down, top_left + row_down + m), -1)
     w_bottom = attention_weights * fy
     w_top = attention_weights - w_bottom
     w_top_right, w_bottom_right = w_top * fx, w_bottom * fx
