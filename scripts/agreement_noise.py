@@ -23,62 +23,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import io
 import platform
 import statistics
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
-
-def jpeg(rgb: np.ndarray, quality: int = 95) -> np.ndarray:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality)
-    buf.seek(0)
-    with Image.open(buf) as img:
-        return np.asarray(img.convert("RGB"))
-
-
-def shift(rgb: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    """Content moved by (dy, dx) pixels (each -1, 0 or 1), the uncovered edge repeated."""
-    out = np.roll(rgb, (dy, dx), axis=(0, 1))
-    if dy == 1:
-        out[0] = rgb[0]
-    elif dy == -1:
-        out[-1] = rgb[-1]
-    if dx == 1:
-        out[:, 0] = rgb[:, 0]
-    elif dx == -1:
-        out[:, -1] = rgb[:, -1]
-    return out
-
-
-def grey(rgb: np.ndarray, step: int) -> np.ndarray:
-    return np.clip(rgb.astype(np.int16) + step, 0, 255).astype(np.uint8)
-
-
-# name -> (how the photo changes, (dy, dx): how far the result must be shifted back)
-PERTURBATIONS: dict[str, tuple[Callable[[np.ndarray], np.ndarray], tuple[int, int]]] = {
-    "jpeg q95": (jpeg, (0, 0)),
-    "shift right 1px": (lambda x: shift(x, 0, 1), (0, 1)),
-    "shift down 1px": (lambda x: shift(x, 1, 0), (1, 0)),
-    "shift left 1px": (lambda x: shift(x, 0, -1), (0, -1)),
-    "shift up 1px": (lambda x: shift(x, -1, 0), (-1, 0)),
-    "grey +1": (lambda x: grey(x, 1), (0, 0)),
-    "grey -1": (lambda x: grey(x, -1), (0, 0)),
-}
-
-
-def overlap(height: int, width: int, dy: int, dx: int) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
-    """The windows of the original's and of the shifted result that show the same content."""
-    def axis(n: int, d: int) -> tuple[slice, slice]:
-        return slice(max(0, -d), n - max(0, d)), slice(max(0, d), n - max(0, -d))
-
-    (ry, oy), (rx, ox) = axis(height, dy), axis(width, dx)
-    return (ry, rx), (oy, ox)
+from dicom_node.model.runtime.noise import CHECK_PERTURBATIONS, PERTURBATIONS, noise_floor, overlap
 
 
 def cpu_name() -> str:
@@ -164,11 +114,24 @@ def main() -> None:
         if worst:
             print(f"\nnoise floor: label agreement {floor['label'] * 100:.3f} %, "
                   f"unmatched fraction {floor['unmatched']:.4f}, class share {floor['share']:.3f} pp")
-        print(f"rule in agreement.py: label agreement >= {ag.LABEL_AGREEMENT_FLOOR * 100:.3f} % "
+        print(f"fixed ceiling in agreement.py: label agreement >= {ag.LABEL_AGREEMENT_FLOOR * 100:.3f} % "
               f"(noise {ag.NOISE_LABEL_AGREEMENT * 100:.3f} % - margin {ag.LABEL_AGREEMENT_MARGIN * 100:.2f} pp), "
               f"unmatched/added <= floor({ag.UNMATCHED_FRACTION_MAX:.4f} x n) = "
               f"{ag.allowed_unmatched(reference_instances(reference))} of {reference_instances(reference)}, "
               f"class share <= {ag.CLASS_SHARE_PP_MAX:.3f} pp, equal person count")
+        # what the check derives for this model from CHECK_PERTURBATIONS (as at a node's first start)
+        if all(name in worst for name in CHECK_PERTURBATIONS):
+            label, unmatched, share = noise_floor({name: worst[name] for name in CHECK_PERTURBATIONS})
+            reference.thresholds = ag.Thresholds.from_noise(label, unmatched, share, "this model's fp32 noise")
+        else:
+            from dicom_node.model.runtime.noise import measure_thresholds
+
+            reference.thresholds = measure_thresholds(eager, reference, kwargs, images=images)
+        t = reference.thresholds
+        print(f"this model's rule (the check's perturbations: {', '.join(CHECK_PERTURBATIONS)}): label agreement >= "
+              f"{t.label_agreement_floor * 100:.3f} %, unmatched/added <= floor({t.unmatched_fraction_max:.4f} x n) = "
+              f"{ag.allowed_unmatched(reference_instances(reference), t)} of {reference_instances(reference)}, "
+              f"class share <= {t.class_share_pp_max:.3f} pp, equal person count")
 
         if args.runtimes:
             eager_1024 = statistics.median(reference.times[0])

@@ -93,6 +93,7 @@ def test_int8_is_used_only_if_it_passes_its_check(parity_loaded, caplog) -> None
     agreement = choice.checked["eager-int8"]
     assert not isinstance(agreement, str), agreement
     assert 0.0 <= agreement.label_agreement <= 1.0 and agreement.fp32_instances >= 170
+    assert agreement.thresholds_source.startswith("this model's fp32 noise")  # measured by the check
     assert agreement.passed == (not agreement.failures())
     assert agreement.passed_issue5 == (agreement.label_agreement >= ISSUE5_LABEL_AGREEMENT_MIN
                                        and agreement.min_iou_by_query >= INSTANCE_IOU_MIN
@@ -405,3 +406,110 @@ def test_bf16_runtimes_go_through_the_rule_on_the_parity_images(parity_loaded, p
     eager = EagerRuntime(parity_loaded.model).forward(parity_reference.prepared[1].tensor)
     moved = float((out.pred_masks - eager.pred_masks).abs().max())
     assert 0.0 < moved < 0.5 * float(eager.pred_masks.abs().max())
+
+
+# --- thresholds from the checked model's own noise ---------------------------------------------
+
+
+def test_a_model_that_barely_moves_is_held_to_its_own_low_noise() -> None:
+    """The same 1-pixel move of one part passes under the fixed (random-weight) ceiling and fails
+    under the thresholds of a model whose fp32 result did not move under the perturbations."""
+    from dicom_node.model.runtime.agreement import (
+        CLASS_SHARE_PP_MARGIN,
+        FIXED_THRESHOLDS,
+        LABEL_AGREEMENT_MARGIN,
+        UNMATCHED_FRACTION_MIN,
+        Thresholds,
+    )
+
+    calm = Thresholds.from_noise(1.0, 0.0, 0.0, "a calm model")
+    assert calm.label_agreement_floor == pytest.approx(1.0 - LABEL_AGREEMENT_MARGIN)
+    assert calm.unmatched_fraction_max == UNMATCHED_FRACTION_MIN
+    assert calm.class_share_pp_max == pytest.approx(CLASS_SHARE_PP_MARGIN)
+    fp32 = _parsing(SCENE)
+    # the upper clothes of the first person (30 x 50 px) one row lower: 50 of 19200 pixels change
+    moved = [(q, c, (t + 1, left, h, w)) if q == 20 else (q, c, (t, left, h, w)) for q, c, (t, left, h, w) in SCENE]
+    difference = compare(fp32, _parsing(moved))
+    assert difference.unmatched_fp32 == 1  # IoU 29/31 < 0.95
+    lenient = agreement_of("candidate", [difference], 1.0, 1.0, None)
+    strict = agreement_of("candidate", [difference], 1.0, 1.0, None, calm)
+    assert lenient.passed and lenient.thresholds == FIXED_THRESHOLDS
+    assert not strict.passed and strict.thresholds_source == "a calm model"
+    assert any("without a match > 0" in f for f in strict.failures())  # floor(0.02 x 10) = 0
+    # a cached result reads back with its thresholds
+    assert Agreement(**strict.as_dict()).failures() == strict.failures()
+
+
+def test_measured_noise_never_loosens_the_fixed_ceiling() -> None:
+    from dicom_node.model.runtime.agreement import FIXED_THRESHOLDS, Thresholds
+
+    wild = Thresholds.from_noise(0.5, 0.9, 40.0, "a noisy model")
+    assert (wild.label_agreement_floor, wild.unmatched_fraction_max, wild.class_share_pp_max) == (
+        FIXED_THRESHOLDS.label_agreement_floor, FIXED_THRESHOLDS.unmatched_fraction_max,
+        FIXED_THRESHOLDS.class_share_pp_max)
+
+
+def test_noise_floor_is_the_worst_perturbation() -> None:
+    from dicom_node.model.runtime.agreement import Difference
+    from dicom_node.model.runtime.noise import noise_floor
+
+    def diff(label: float, unmatched: int, added: int, share: float) -> Difference:
+        return Difference(label, 50, unmatched, added, (), share, 3, 1, 1, 0, 1.0)
+
+    floor = noise_floor({"jpeg": [diff(0.999, 2, 1, 0.1), diff(0.995, 0, 4, 0.3)],
+                         "shift": [diff(0.990, 5, 0, 0.2), diff(0.998, 6, 1, 0.05)]})
+    assert floor == (0.990, 11 / 100, 0.3)
+
+
+def test_the_check_measures_the_models_own_noise(small_model_dir: Path, caplog) -> None:
+    """The perturbations really run the model: its thresholds come from its fp32 noise, and a
+    reference carrying them judges candidates by them."""
+    from dicom_node.model.runtime.noise import CHECK_PERTURBATIONS, measure_thresholds, perturbed_differences
+
+    loaded = _loaded(small_model_dir)
+    eager = EagerRuntime(loaded.model)
+    kwargs = prepare_kwargs(loaded)
+    reference = reference_run(eager, kwargs, loaded.config.num_parsing, timed_runs=1)
+    with caplog.at_level(logging.INFO, logger="dicom_node.model.runtime"):
+        thresholds = measure_thresholds(eager, reference, kwargs)
+    assert any("event=runtime.noise" in r.getMessage() for r in caplog.records)
+    from dicom_node.model.runtime.agreement import LABEL_AGREEMENT_FLOOR, LABEL_AGREEMENT_MARGIN
+
+    diffs = [d for name in CHECK_PERTURBATIONS for d in perturbed_differences(eager, reference, kwargs, name)]
+    assert len(diffs) == 4 and all(0.5 < d.label_agreement <= 1.0 for d in diffs)
+    assert any(d.label_agreement < 1.0 for d in diffs)  # the perturbations did change the result
+    worst = min(d.label_agreement for d in diffs)
+    assert thresholds.label_agreement_floor == pytest.approx(max(worst - LABEL_AGREEMENT_MARGIN,
+                                                                  LABEL_AGREEMENT_FLOOR))
+    assert thresholds.source.startswith("this model's fp32 noise")
+    reference.thresholds = thresholds
+    same = check_agreement(_Perturbed(loaded.model, 0.0), reference, timed_runs=1)
+    assert same.passed and same.thresholds == thresholds
+
+
+def test_a_candidate_whose_check_breaks_does_not_cost_the_others_theirs(small_model_dir: Path, tmp_path: Path,
+                                                                         monkeypatch, caplog) -> None:
+    """An error inside one candidate (seen: an OpenVINO plugin rejecting an index) is logged as
+    that candidate unavailable; the next candidate is still checked and recorded."""
+    import json
+
+    from dicom_node.model.runtime import check as check_module
+    from dicom_node.model.runtime.choice import check_key
+
+    real_build = check_module.build_runtime
+
+    def build(name: str, loaded, threads):
+        if name == "openvino":
+            raise RuntimeError("Exception from src/plugins/intel_cpu: invalid embedding bag index")
+        return real_build(name, loaded, threads)
+
+    monkeypatch.setattr(check_module, "build_runtime", build)
+    results = tmp_path / "agreement.json"
+    names = ["openvino", "eager-int8"]
+    keys = {name: check_key(name, 2) for name in names}
+    with caplog.at_level(logging.WARNING, logger="dicom_node.model.runtime"):
+        check_module.run_checks(str(small_model_dir), names, 2, "auto", str(results), keys)
+    recorded = json.loads(results.read_text())
+    assert set(recorded) == {keys["eager-int8"]}
+    assert any("event=runtime.unavailable" in r.getMessage() and "runtime=openvino" in r.getMessage()
+               and "the check failed" in r.getMessage() for r in caplog.records)

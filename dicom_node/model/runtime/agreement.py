@@ -21,6 +21,13 @@ darker. A candidate passes if, over both images,
   moves by at most ``CLASS_SHARE_PP_MAX`` percentage points;
 * it finds the same number of people on each image.
 
+The thresholds come from the model being checked: :mod:`.noise` measures eager fp32 on this
+model against itself under ``CHECK_PERTURBATIONS`` (a JPEG q95 re-encode and a 1-pixel shift)
+before the candidates are judged, and the rule allows that noise plus the margins below
+(:meth:`Thresholds.from_noise`), never more than ``FIXED_THRESHOLDS``: the worst case of all
+seven perturbations on the random weights of ``dicom-node model make-test``, whose masks are
+fragile. A trained model's crisper masks move less, so it is judged by its own, stricter floor.
+
 The older rule (issue 5: label agreement >= 99.5 %, every fp32 instance kept under the same
 (query, class) with IoU >= 0.95) is still computed and reported beside it (``passed_issue5``):
 fp32 itself fails it under a 1-pixel shift.
@@ -73,17 +80,45 @@ CLASS_SHARE_PP_MARGIN = 0.25
 # The person count must be equal although a 1-pixel shift changed it on these weights: it is
 # the one figure a user reads directly (and the number of people in the report).
 
+# A measured floor of a few unmatched instances on ~170 is a sample too: at least this fraction
+# is allowed (3 of 174), so that one borderline instance does not decide alone.
+UNMATCHED_FRACTION_MIN = 0.02
+
 LABEL_AGREEMENT_FLOOR = NOISE_LABEL_AGREEMENT - LABEL_AGREEMENT_MARGIN
 UNMATCHED_FRACTION_MAX = NOISE_UNMATCHED_FRACTION + UNMATCHED_FRACTION_MARGIN
 CLASS_SHARE_PP_MAX = NOISE_CLASS_SHARE_PP + CLASS_SHARE_PP_MARGIN
 # Part of the cache key of a check result: a result measured under another rule is measured again.
-RULE_VERSION = 2
+# 3: thresholds from the checked model's own noise (was: the fixed random-weight constants).
+RULE_VERSION = 3
 
 
-def allowed_unmatched(fp32_instances: int) -> int:
+@dataclass(frozen=True)
+class Thresholds:
+    """What the rule allows: noise plus margins."""
+
+    label_agreement_floor: float
+    unmatched_fraction_max: float
+    class_share_pp_max: float
+    source: str  # what noise they come from, for the logs and the report
+
+    @classmethod
+    def from_noise(cls, label_agreement: float, unmatched_fraction: float, class_share_pp: float,
+                   source: str) -> Thresholds:
+        """A measured noise floor plus the margins, never more lenient than :data:`FIXED_THRESHOLDS`."""
+        return cls(max(label_agreement - LABEL_AGREEMENT_MARGIN, LABEL_AGREEMENT_FLOOR),
+                   min(max(unmatched_fraction + UNMATCHED_FRACTION_MARGIN, UNMATCHED_FRACTION_MIN),
+                       UNMATCHED_FRACTION_MAX),
+                   min(class_share_pp + CLASS_SHARE_PP_MARGIN, CLASS_SHARE_PP_MAX), source)
+
+
+FIXED_THRESHOLDS = Thresholds(LABEL_AGREEMENT_FLOOR, UNMATCHED_FRACTION_MAX, CLASS_SHARE_PP_MAX,
+                              "fixed: the random-weight model's noise over seven perturbations")
+
+
+def allowed_unmatched(fp32_instances: int, thresholds: Thresholds = FIXED_THRESHOLDS) -> int:
     """How many of ``fp32_instances`` may go without a match (and how many unmatched a candidate
     may add): the noise's fraction plus the margin, rounded down (0 for a handful of instances)."""
-    return math.floor(UNMATCHED_FRACTION_MAX * fp32_instances + 1e-9)
+    return math.floor(thresholds.unmatched_fraction_max * fp32_instances + 1e-9)
 
 
 def reference_images() -> list[np.ndarray]:
@@ -210,18 +245,20 @@ def compare(fp32: Parsing, other: Parsing) -> Difference:
 
 
 def rule_failures(label_agreement: float, unmatched_fp32: int, unmatched_other: int, fp32_instances: int,
-                  class_share_pp: float, person_count_diff: int) -> list[str]:
+                  class_share_pp: float, person_count_diff: int,
+                  thresholds: Thresholds = FIXED_THRESHOLDS) -> list[str]:
     """Why the new rule rejects these figures (summed or worst over the images); empty: it passes."""
-    allowed = allowed_unmatched(fp32_instances)
+    allowed = allowed_unmatched(fp32_instances, thresholds)
     failures = []
-    if label_agreement < LABEL_AGREEMENT_FLOOR:
-        failures.append(f"label agreement {label_agreement * 100:.3f} % < {LABEL_AGREEMENT_FLOOR * 100:.3f} %")
+    if label_agreement < thresholds.label_agreement_floor:
+        failures.append(f"label agreement {label_agreement * 100:.3f} % < "
+                        f"{thresholds.label_agreement_floor * 100:.3f} %")
     if unmatched_fp32 > allowed:
         failures.append(f"{unmatched_fp32} fp32 instances without a match > {allowed}")
     if unmatched_other > allowed:
         failures.append(f"{unmatched_other} added instances > {allowed}")
-    if class_share_pp > CLASS_SHARE_PP_MAX:
-        failures.append(f"a class's share moved {class_share_pp:.3f} pp > {CLASS_SHARE_PP_MAX:.3f} pp")
+    if class_share_pp > thresholds.class_share_pp_max:
+        failures.append(f"a class's share moved {class_share_pp:.3f} pp > {thresholds.class_share_pp_max:.3f} pp")
     if person_count_diff:
         failures.append("another person count")
     return failures
@@ -246,26 +283,37 @@ class Agreement:
     network_s: float  # the runtime's median network time, summed over the two images
     eager_network_s: float  # the same for the eager fp32 reference, measured in the same check
     export_s: float | None  # graph export time, when the check had to export
+    # the thresholds it was judged by (flat, so a cached result reads back with Agreement(**dict))
+    label_agreement_floor: float = FIXED_THRESHOLDS.label_agreement_floor
+    unmatched_fraction_max: float = FIXED_THRESHOLDS.unmatched_fraction_max
+    class_share_pp_max: float = FIXED_THRESHOLDS.class_share_pp_max
+    thresholds_source: str = FIXED_THRESHOLDS.source
 
     @property
     def speedup(self) -> float:
         return self.eager_network_s / self.network_s if self.network_s > 0 else 0.0
 
+    @property
+    def thresholds(self) -> Thresholds:
+        return Thresholds(self.label_agreement_floor, self.unmatched_fraction_max, self.class_share_pp_max,
+                          self.thresholds_source)
+
     def failures(self) -> list[str]:
         return rule_failures(self.label_agreement, self.unmatched_fp32, self.unmatched_other, self.fp32_instances,
-                             self.class_share_pp, self.person_count_diff)
+                             self.class_share_pp, self.person_count_diff, self.thresholds)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def summary(self) -> str:
-        allowed = allowed_unmatched(self.fp32_instances)
+        allowed = allowed_unmatched(self.fp32_instances, self.thresholds)
         verdict = "passes" if self.passed else "fails (" + "; ".join(self.failures()) + ")"
         issue5 = "passes" if self.passed_issue5 else "fails"
         return (f"noise rule {verdict}: label agreement {self.label_agreement * 100:.3f} % "
-                f"(>= {LABEL_AGREEMENT_FLOOR * 100:.2f} %), {self.unmatched_fp32} of {self.fp32_instances} "
+                f"(>= {self.label_agreement_floor * 100:.2f} %), {self.unmatched_fp32} of {self.fp32_instances} "
                 f"instances unmatched and {self.unmatched_other} added by class+IoU>={INSTANCE_IOU_MIN} "
-                f"(<= {allowed} each), class shares within {self.class_share_pp:.3f} pp (<= {CLASS_SHARE_PP_MAX:.2f}), "
+                f"(<= {allowed} each), class shares within {self.class_share_pp:.3f} pp "
+                f"(<= {self.class_share_pp_max:.2f}), "
                 f"person count {'equal' if not self.person_count_diff else 'differs'}; "
                 f"issue-5 rule {issue5} (>= {ISSUE5_LABEL_AGREEMENT_MIN * 100:.1f} %, {self.lost_by_query} lost by "
                 f"query, min IoU {self.min_iou_by_query:.4f}); "
@@ -297,6 +345,7 @@ class ReferenceRun:
     network_s: float  # median per image, summed
     human_class: int
     times: list[list[float]]  # every timed run, per image
+    thresholds: Thresholds = FIXED_THRESHOLDS  # what candidates are judged by (noise.measure_thresholds)
 
 
 def reference_run(reference: NetworkRuntime, prepare_kwargs: dict, human_class: int,
@@ -329,11 +378,11 @@ def check_agreement(candidate: NetworkRuntime, reference: ReferenceRun, timed_ru
             export_s = (export_s or 0.0) + exported
         other = parsing_of(parse_prepared(out, image, reference.human_class), reference.human_class)
         differences.append(compare(fp32, other))
-    return agreement_of(candidate.name, differences, network_s, reference.network_s, export_s)
+    return agreement_of(candidate.name, differences, network_s, reference.network_s, export_s, reference.thresholds)
 
 
 def agreement_of(runtime: str, differences: list[Difference], network_s: float, eager_network_s: float,
-                 export_s: float | None) -> Agreement:
+                 export_s: float | None, thresholds: Thresholds = FIXED_THRESHOLDS) -> Agreement:
     """Both rules' verdicts over the images' differences."""
     label_agreement = min(d.label_agreement for d in differences)
     fp32_instances = sum(d.fp32_instances for d in differences)
@@ -344,9 +393,10 @@ def agreement_of(runtime: str, differences: list[Difference], network_s: float, 
     lost_by_query = sum(d.lost_by_query for d in differences)
     min_iou_by_query = min(d.min_iou_by_query for d in differences)
     passed = not rule_failures(label_agreement, unmatched_fp32, unmatched_other, fp32_instances, class_share_pp,
-                               person_count_diff)
+                               person_count_diff, thresholds)
     passed_issue5 = (label_agreement >= ISSUE5_LABEL_AGREEMENT_MIN and lost_by_query == 0
                      and min_iou_by_query >= INSTANCE_IOU_MIN)
     return Agreement(runtime, passed, label_agreement, fp32_instances, unmatched_fp32, unmatched_other, class_share_pp,
                      person_count_diff, passed_issue5, lost_by_query, min_iou_by_query, network_s, eager_network_s,
-                     export_s)
+                     export_s, thresholds.label_agreement_floor, thresholds.unmatched_fraction_max,
+                     thresholds.class_share_pp_max, thresholds.source)

@@ -22,6 +22,7 @@ from dicom_node.model.runtime.cache import read_json, write_json
 from dicom_node.model.runtime.choice import best_candidate
 from dicom_node.model.runtime.eager import EagerRuntime
 from dicom_node.model.runtime.names import RuntimeName
+from dicom_node.model.runtime.noise import measure_thresholds
 from dicom_node.model.runtime.registry import build_runtime, prepare_kwargs
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,10 @@ def run_checks(model_dir: str, names: list[str], threads: int | None, requested:
     keep_freed_memory()
     loaded = load_model_dir(model_dir)
     loaded.model.prepare_for_inference()
-    reference = reference_run(EagerRuntime(loaded.model), prepare_kwargs(loaded), loaded.config.num_parsing)
+    eager = EagerRuntime(loaded.model)
+    reference = reference_run(eager, prepare_kwargs(loaded), loaded.config.num_parsing)
+    # judged by this model's own noise (issue 17), measured once with the check
+    reference.thresholds = measure_thresholds(eager, reference, prepare_kwargs(loaded))
     path = Path(results_path)
     built: dict[str, NetworkRuntime] = {}
     checked: dict[str, Agreement | str] = {}
@@ -48,6 +52,9 @@ def run_checks(model_dir: str, names: list[str], threads: int | None, requested:
             checked[name] = agreement = check_agreement(built[name], reference)
         except RuntimeUnavailable as exc:
             log.warning(fields(event="runtime.unavailable", runtime=name, reason=str(exc)))
+            continue
+        except Exception as exc:  # a candidate that breaks (a plugin's error) must not cost the others their check
+            log.warning(fields(event="runtime.unavailable", runtime=name, reason=f"the check failed: {exc!r}"[:500]))
             continue
         results = read_json(path)
         results[keys[name]] = agreement.as_dict()
