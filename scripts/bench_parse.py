@@ -16,7 +16,10 @@ printed) with 2 threads, in one invocation:
 
 Baseline: the official ModelScope pipeline measured on this machine kind (../shared/notes/m2fp-model.md):
 5.4-6.5 s and 3.0 GiB per 1024x768 photo. Targets: issue 2 (eager): <= 3.0 s and <= 2.0 GiB at
-1024x768; issue 5 (best runtime): <= 1.0 s at 1024x768, <= 1.5 s at 4000x3000, <= 1.2 GiB.
+1024x768; issue 5 (best runtime): <= 1.0 s at 1024x768, <= 1.5 s at 4000x3000, <= 1.2 GiB;
+issue 17 (default settings: the runtime ``auto`` chooses, exact postprocess): with native bf16
+<= 1.5 s and >= 6x the official pipeline at 1024x768, <= 2.5 s at 4000x3000; without, >= 3x;
+<= 1.2 GiB either way (printed as MET / NOT MET for this CPU).
 
     .venv/bin/python scripts/bench_parse.py [--runs 5] [--sizes 1024x768,4000x3000]
         [--runtimes eager,openvino,openvino-bf16,eager-bf16,eager-int8] [--postprocess exact,fast]
@@ -41,6 +44,12 @@ ROOT = Path(__file__).resolve().parent.parent
 BASELINE = {"1024x768": {"median_s": (5.4, 6.5), "peak_rss_gib": 3.0}}
 TARGET_EAGER = {"1024x768": {"median_s": 3.0, "peak_rss_gib": 2.0}}  # issue 2
 TARGET_BEST = {"1024x768": {"median_s": 1.0, "peak_rss_gib": 1.2}, "4000x3000": {"median_s": 1.5, "peak_rss_gib": 1.2}}
+# Issue 17, default settings (auto runtime, exact postprocess), by what the CPU has:
+# size -> (seconds at most or None, times the official pipeline at least or None, GiB at most)
+TARGET_DEFAULT = {
+    "bf16": {"1024x768": (1.5, 6.0, 1.2), "4000x3000": (2.5, None, 1.2)},
+    "no bf16": {"1024x768": (None, 3.0, 1.2), "4000x3000": (None, None, 1.2)},
+}
 
 
 def synthetic_photo(width: int, height: int):
@@ -313,6 +322,7 @@ def main() -> None:
     for name, text in checks.items():
         print(f"  {name:<11} {text}")
     eager = {(r["size"], r["postprocess"]): r for r in rows if r["runtime"] == "eager"}
+    auto = checks.get("auto", "").removeprefix("chooses ")  # what the default settings run here
     print(f"\n{'runtime':<11} {'post':>5} {'photo':>10} {'median s':>9} {'min s':>7} {'max s':>7} {'vs eager':>8} "
           f"{'RSS GiB':>8} {'GFLOP':>6} {'net GFLOP/s':>11} {'% peak':>7} {'parts':>5}  stages (median s)")
     for r in rows:
@@ -333,7 +343,6 @@ def main() -> None:
               f"photos/min")
     if peer:
         print(f"\nThe official ModelScope pipeline, same photos, same invocation, {args.runs} runs after warm-up:")
-        auto = checks.get("auto", "").removeprefix("chooses ")
         for size, got in peer.items():
             if "error" in got:
                 print(f"  {size}: official {got['error']}")
@@ -360,6 +369,26 @@ def main() -> None:
             ok = r["median_s"] <= tgt["median_s"] and r["peak_rss_gib"] <= tgt["peak_rss_gib"]
             print(f"{r['size']} eager exact: issue 2 target <= {tgt['median_s']} s and <= {tgt['peak_rss_gib']} GiB: "
                   f"{'MET' if ok else 'NOT MET'}")
+    kind = "bf16" if peak["bf16"] else "no bf16"
+    for size, (max_s, min_ratio, max_gib) in TARGET_DEFAULT[kind].items():
+        ours = next((r for r in rows if r["size"] == size and r["postprocess"] == "exact" and r["runtime"] == auto),
+                    None)
+        if ours is None:
+            continue
+        verdicts = []
+        if max_s is not None:
+            verdicts.append(f"<= {max_s} s: {'MET' if ours['median_s'] <= max_s else 'NOT MET'} "
+                            f"({ours['median_s']:.2f} s)")
+        if min_ratio is not None:
+            got = peer.get(size, {})
+            ratio = got["median_s"] / ours["median_s"] if "median_s" in got else None
+            verdicts.append(f">= {min_ratio}x the official: "
+                            + ("not measured (run with --official)" if ratio is None else
+                               f"{'MET' if ratio >= min_ratio else 'NOT MET'} ({ratio:.2f}x)"))
+        verdicts.append(f"<= {max_gib} GiB: {'MET' if ours['peak_rss_gib'] <= max_gib else 'NOT MET'} "
+                        f"({ours['peak_rss_gib']:.2f} GiB)")
+        print(f"{size} default settings (auto = {auto}, exact), issue 17 targets for a CPU with {kind}: "
+              + "; ".join(verdicts))
     for size, tgt in TARGET_BEST.items():
         cands = [r for r in rows if r["size"] == size]
         if cands:
