@@ -118,6 +118,11 @@ def linear_axis(out_size: int, in_size: int) -> Axis:
                 torch.from_numpy(lam))
 
 
+def _select(src: torch.Tensor, dim: int, index: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """``torch.index_select`` into ``out`` when one is given (its overloads do not take out=None)."""
+    return torch.index_select(src, dim, index) if out is None else torch.index_select(src, dim, index, out=out)
+
+
 def _gather(src: torch.Tensor, dim: int, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``torch.index_select(src, dim, index)`` for a contiguous ``src``, through a 2-D view.
 
@@ -130,16 +135,12 @@ def _gather(src: torch.Tensor, dim: int, index: torch.Tensor, out: torch.Tensor 
         k, h, w = src.shape
         if dim == 2:
             flat_out = None if out is None else out.view(k * h, -1)
-            result = torch.index_select(src.view(k * h, w), 1, index, out=flat_out) if flat_out is not None \
-                else torch.index_select(src.view(k * h, w), 1, index)
-            return result.view(k, h, -1)
+            return _select(src.view(k * h, w), 1, index, flat_out).view(k, h, -1)
         if dim == 1:
             rows = (torch.arange(k).view(k, 1) * h + index.view(1, -1)).flatten()
             flat_out = None if out is None else out.view(-1, w)
-            result = torch.index_select(src.view(k * h, w), 0, rows, out=flat_out) if flat_out is not None \
-                else torch.index_select(src.view(k * h, w), 0, rows)
-            return result.view(k, -1, w)
-    return torch.index_select(src, dim, index) if out is None else torch.index_select(src, dim, index, out=out)
+            return _select(src.view(k * h, w), 0, rows, flat_out).view(k, -1, w)
+    return _select(src, dim, index, out)
 
 
 def _lerp(src: torch.Tensor, axis: Axis, dim: int, out: torch.Tensor | None = None,
