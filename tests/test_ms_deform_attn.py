@@ -37,7 +37,7 @@ def test_matches_grid_sample_reference_including_out_of_range_points() -> None:
     weights = torch.softmax(torch.randn(n, lq, m, levels * points, generator=gen), -1).view(n, lq, m, levels, points)
     size = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32)  # (L, 2) = (W, H)
     points = locations * size[:, None, :] - 0.5  # the same points in each level's pixel grid
-    ours = ms_deform_attn_core(value, shapes, points, weights)
+    ours = ms_deform_attn_core(value, shapes, points.movedim(-1, 0).contiguous(), weights)
     ref = reference_core(value, shapes, locations, weights)
     assert ours.shape == ref.shape == (n, lq, m * d)
     assert float((ours - ref).abs().max()) < 1e-5

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dicom_node.model.config import PixelDecoderConfig
-from dicom_node.model.ms_deform_attn import MSDeformAttn
+from dicom_node.model.ms_deform_attn import MSDeformAttn, reference_planes
 from dicom_node.model.position_encoding import sine_position_embedding
 
 GROUPNORM_GROUPS = 32
@@ -39,9 +39,9 @@ class EncoderLayer(nn.Module):
         self.linear2 = nn.Linear(d_ffn, d_model)
         self.norm2 = nn.LayerNorm(d_model)
 
-    def forward(self, src: torch.Tensor, pos: torch.Tensor, reference_px: torch.Tensor,
+    def forward(self, src: torch.Tensor, pos: torch.Tensor, reference_xy: torch.Tensor,
                 spatial_shapes: list[tuple[int, int]]) -> torch.Tensor:
-        src = self.norm1(src + self.self_attn(src + pos, reference_px, src, spatial_shapes))
+        src = self.norm1(src + self.self_attn(src + pos, reference_xy, src, spatial_shapes))
         return self.norm2(src + self.linear2(F.relu_(self.linear1(src))))
 
 
@@ -61,6 +61,7 @@ class DeformableTransformer(nn.Module):
         super().__init__()
         self.encoder = DeformableEncoder(cfg, n_levels)
         self.level_embed = nn.Parameter(torch.zeros(n_levels, cfg.conv_dim))
+        self.n_heads, self.n_points = cfg.nheads, cfg.n_points
 
     def forward(self, srcs: list[torch.Tensor], pos_embeds: list[torch.Tensor]) -> torch.Tensor:
         spatial_shapes = [(int(s.shape[2]), int(s.shape[3])) for s in srcs]
@@ -71,9 +72,10 @@ class DeformableTransformer(nn.Module):
         level_size = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=src_flat.dtype, device=src_flat.device)
         # each token's centre in every level's pixel grid (pixel k's centre at k), computed once
         reference_px = _reference_points(spatial_shapes, src_flat.device) * level_size - 0.5
+        reference_xy = reference_planes(reference_px.expand(src_flat.shape[0], -1, -1, -1), self.n_heads, self.n_points)
         out = src_flat
         for layer in self.encoder.layers:
-            out = layer(out, pos_flat, reference_px, spatial_shapes)
+            out = layer(out, pos_flat, reference_xy, spatial_shapes)
         return out
 
 

@@ -24,7 +24,14 @@ from dicom_node.model.runtime.base import NetworkRuntime, RuntimeUnavailable
 from dicom_node.model.runtime.cache import cache_dir_for, locked, machine_signature, read_json
 from dicom_node.model.runtime.cpu import native_bf16_refusal
 from dicom_node.model.runtime.eager import EagerRuntime
-from dicom_node.model.runtime.names import CANDIDATES, NEEDS_NATIVE_BF16, REVISIONS, RUNTIME_CHOICES, RuntimeName
+from dicom_node.model.runtime.names import (
+    CANDIDATES,
+    NEEDS_NATIVE_BF16,
+    NETWORK_REVISION,
+    REVISIONS,
+    RUNTIME_CHOICES,
+    RuntimeName,
+)
 from dicom_node.model.runtime.registry import build_runtime
 
 log = logging.getLogger(__name__)
@@ -56,9 +63,9 @@ def _versions() -> str:
 
 
 def check_key(name: str, threads: int | None) -> str:
-    """What a check result depends on: a result measured under another rule, thread count,
-    package version or CPU is measured again."""
-    return (f"{name} rev={REVISIONS.get(RuntimeName(name), 1)} rule={RULE_VERSION}"
+    """What a check result depends on: a result measured under another network or runtime
+    revision, rule, thread count, package version or CPU is measured again."""
+    return (f"{name} rev={REVISIONS.get(RuntimeName(name), 1)} net={NETWORK_REVISION} rule={RULE_VERSION}"
             f" threads={threads or torch.get_num_threads()} {_versions()} cpu={machine_signature()}")
 
 

@@ -30,3 +30,6 @@ NEEDS_NATIVE_BF16: frozenset[RuntimeName] = frozenset({RuntimeName.OPENVINO_BF16
 # measured again (part of :func:`~dicom_node.model.runtime.choice.check_key`).
 # eager-bf16 2: only the sampling offsets and the sampler stay fp32 (was: every MSDeformAttn whole).
 REVISIONS: dict[RuntimeName, int] = {RuntimeName.EAGER_BF16: 2}
+# Raised when the shared network code (dicom_node/model) changes what every runtime computes,
+# the eager reference included. 2: the deformable attention's softmax written out (a few ulp).
+NETWORK_REVISION = 2
