@@ -35,11 +35,10 @@ def ms_deform_attn_core(value: torch.Tensor, spatial_shapes: list[tuple[int, int
                         sampling_xy: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
     """Sample every head's points bilinearly on every level and mix them by attention weight.
 
-    value (N, S, M, D), any float dtype (sampled in fp32); sampling_xy (2, N, Lq, M, L, P): the
-    points' x and y planes in each level's pixel grid, pixel k's centre at k (that is
-    ``location * size - 0.5`` for the reference's locations in [0, 1], grid_sample with
-    align_corners=False), contiguous (it is overwritten); attention_weights (N, Lq, M, L, P).
-    Returns (N, Lq, M*D).
+    value (N, S, M, D); sampling_xy (2, N, Lq, M, L, P): the points' x and y planes in each
+    level's pixel grid, pixel k's centre at k (that is ``location * size - 0.5`` for the
+    reference's locations in [0, 1], grid_sample with align_corners=False), contiguous (it is
+    overwritten); attention_weights (N, Lq, M, L, P). Returns (N, Lq, M*D).
 
     The reference runs ``grid_sample`` per level and then a weighted sum over a (.., Lq, L*P)
     stack, which is memory-bound on CPU. The result is a weighted sum of 4 corner rows per
@@ -54,17 +53,13 @@ def ms_deform_attn_core(value: torch.Tensor, spatial_shapes: list[tuple[int, int
     """
     n, _, m, d = value.shape
     _, _, lq, _, n_levels, n_points = sampling_xy.shape
-    rows_per_image = sum((h + 2) * (w + 2) for h, w in spatial_shapes)
-    # row = (image, padded pixel, head); each level's interior is written in one pass, cast to
-    # fp32 on the way (a bf16 value from autocast's projection), onto a zeroed table
-    table = torch.zeros((n, rows_per_image, m * d), dtype=torch.float32, device=value.device)
-    offset = start = 0
+    padded, rows_per_image, offset = [], 0, 0
     for h, w in spatial_shapes:
-        level = table[:, start:start + (h + 2) * (w + 2)].view(n, h + 2, w + 2, m * d)
-        level[:, 1:h + 1, 1:w + 1].copy_(value[:, offset:offset + h * w].reshape(n, h, w, m * d))
-        start += (h + 2) * (w + 2)
+        level = value[:, offset:offset + h * w].reshape(n, h, w, m * d)
+        padded.append(F.pad(level, (0, 0, 1, 1, 1, 1)).reshape(n, (h + 2) * (w + 2), m * d))
+        rows_per_image += (h + 2) * (w + 2)
         offset += h * w
-    table = table.view(n * rows_per_image * m, d)
+    table = torch.cat(padded, 1).reshape(n * rows_per_image * m, d)  # row = (image, padded pixel, head)
 
     width, height, last_col, last_row, row_down, corner = _point_constants(
         tuple((int(h), int(w)) for h, w in spatial_shapes), n, lq, m, n_points, rows_per_image)
@@ -132,5 +127,5 @@ class MSDeformAttn(nn.Module):
         # The sampler always runs in fp32 (a no-op for an fp32 model): under bf16 autocast the
         # projections come out bf16, and embedding_bag takes one dtype for table and weights.
         points = torch.add(reference_xy, offsets.movedim(-1, 0).float())
-        sampled = ms_deform_attn_core(value, spatial_shapes, points, weights)
+        sampled = ms_deform_attn_core(value.float(), spatial_shapes, points, weights)
         return self.output_proj(sampled)
