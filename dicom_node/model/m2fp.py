@@ -49,6 +49,10 @@ class M2FP(nn.Module):
         """images: normalised, padded (N, 3, H, W) with H, W multiples of 32."""
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        features = self.backbone(images)
+        return self.heads(self.backbone(images), with_aux=with_aux)
+
+    def heads(self, features: dict[str, torch.Tensor], with_aux: bool = False) -> dict[str, torch.Tensor]:
+        """Pixel decoder and transformer decoder on the backbone's res2..res5: where a runtime
+        with its own backbone (int8, packed bf16) joins the shared network."""
         mask_features, multi_scale = self.sem_seg_head.pixel_decoder(features)
         return self.sem_seg_head.predictor(multi_scale, mask_features, with_aux=with_aux)

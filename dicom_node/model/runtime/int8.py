@@ -147,7 +147,5 @@ class Int8BackboneRuntime(NetworkRuntime):
 
     def forward(self, images: torch.Tensor) -> NetworkOutput:
         with torch.inference_mode():
-            features = self.backbone(images)
-            mask_features, multi_scale = self.model.sem_seg_head.pixel_decoder(features)
-            out = self.model.sem_seg_head.predictor(multi_scale, mask_features)
+            out = self.model.heads(self.backbone(images))
         return NetworkOutput(out["pred_logits"], out["pred_masks"])
