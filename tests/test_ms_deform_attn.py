@@ -41,3 +41,50 @@ def test_matches_grid_sample_reference_including_out_of_range_points() -> None:
     ref = reference_core(value, shapes, locations, weights)
     assert ours.shape == ref.shape == (n, lq, m * d)
     assert float((ours - ref).abs().max()) < 1e-5
+
+
+def _module_reference(attn, query, reference_px, value_in, shapes):
+    """MSDeformAttn.forward as it read before issue 17's rewrite: broadcast reference points,
+    F.softmax, (N, Lq, M, L, P, 2) points moved into planes by the caller."""
+    n, lq, _ = query.shape
+    value = attn.value_proj(value_in).view(n, -1, attn.n_heads, attn.d_model // attn.n_heads)
+    offsets = attn.sampling_offsets(query).view(n, lq, attn.n_heads, attn.n_levels, attn.n_points, 2)
+    weights = attn.attention_weights(query).view(n, lq, attn.n_heads, attn.n_levels * attn.n_points)
+    weights = F.softmax(weights, -1).view(n, lq, attn.n_heads, attn.n_levels, attn.n_points)
+    points = reference_px[:, :, None, :, None, :] + offsets
+    sampled = ms_deform_attn_core(value, shapes, points.movedim(-1, 0).contiguous(), weights)
+    return attn.output_proj(sampled)
+
+
+def test_module_with_shared_reference_planes_and_written_out_softmax_matches_the_broadcast_form() -> None:
+    """The planes are the same sums as the broadcast add (equal bits); the written-out softmax
+    differs from F.softmax by a few ulp only."""
+    from dicom_node.model.ms_deform_attn import MSDeformAttn, reference_planes
+
+    torch.manual_seed(0)
+    shapes = [(5, 7), (10, 13)]
+    s = sum(h * w for h, w in shapes)
+    attn = MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=3).eval()
+    with torch.no_grad():
+        attn.attention_weights.weight.mul_(20)  # peaked softmax: large logits exercise the max shift
+    n = 2
+    query, value_in = torch.randn(n, s, 32), torch.randn(n, s, 32)
+    reference_px = torch.rand(n, s, 2, 2) * 12 - 1
+    with torch.inference_mode():
+        ours = attn(query, reference_planes(reference_px, attn.n_heads, attn.n_points), value_in, shapes)
+        ref = _module_reference(attn, query, reference_px, value_in, shapes)
+    assert ours.shape == ref.shape == (n, s, 32)
+    assert float((ours - ref).abs().max()) < 1e-5
+
+
+def test_mask_logits_read_channels_last_and_contiguous_maps_as_einsum_does() -> None:
+    from dicom_node.model.transformer_decoder import mask_logits
+
+    gen = torch.Generator().manual_seed(1)
+    embedding = torch.randn(2, 7, 16, generator=gen)
+    features = torch.randn(2, 16, 9, 11, generator=gen)
+    expected = torch.einsum("bqc,bchw->bqhw", embedding, features)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        got = mask_logits(embedding, features.contiguous(memory_format=layout))
+        assert got.shape == expected.shape
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5), layout
