@@ -53,6 +53,6 @@ class M2FP(nn.Module):
 
     def heads(self, features: dict[str, torch.Tensor], with_aux: bool = False) -> dict[str, torch.Tensor]:
         """Pixel decoder and transformer decoder on the backbone's res2..res5: where a runtime
-        with its own backbone (int8, packed bf16) joins the shared network."""
+        with its own backbone (int8) joins the shared network."""
         mask_features, multi_scale = self.sem_seg_head.pixel_decoder(features)
         return self.sem_seg_head.predictor(multi_scale, mask_features, with_aux=with_aux)
