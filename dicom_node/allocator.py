@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import resource
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -67,3 +69,15 @@ def keep_freed_memory(thresholds: Thresholds = PARSING) -> bool:
         return False
     _applied = thresholds
     return True
+
+
+def peak_resident_gib() -> float:
+    """This process's own peak resident size (VmHWM), GiB. Not getrusage: Linux carries ru_maxrss
+    over execve, so a child would report the peak of the parent that started it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -39,7 +39,7 @@ from dicom_node.decode.supported import (
 )
 from dicom_node.encode.options import EncodeOptions
 from dicom_node.model.names import DEFAULT_MODEL_DIR, PostprocessMode
-from dicom_node.model.runtime.names import RuntimeName
+from dicom_node.model.runtime.names import DEFAULT_MAX_RSS_MIB, RuntimeName
 
 ENV_PREFIX = "DICOM_NODE_"
 ENV_NESTED_DELIMITER = "__"
@@ -390,6 +390,10 @@ class WorkerSettings(_Section):
     runtime: RuntimeName = Field(
         default=RuntimeName.AUTO,
         description="auto: the fastest runtime that passes its agreement check against eager fp32")
+    runtime_max_rss_mib: float = Field(
+        default=DEFAULT_MAX_RSS_MIB, gt=0,
+        description="auto takes a faster runtime only if a worker running it stays within this resident size "
+                    "(MiB) or within eager fp32's, whichever is larger (measured once with the check)")
     max_attempts: int = Field(
         default=3, ge=1,
         description="tries of one photo whose processing fails for the machine's sake (disk, memory) or whose "

@@ -148,7 +148,8 @@ class Node:
                                  "Is another node or PACS using that port?") from exc
         if config.http.enabled:
             app = node_app(config.http, config.model_dir, config.worker.runtime, store, self.readiness(), metrics,
-                           acceptor=acceptor, peers=config.peers)
+                           acceptor=acceptor, peers=config.peers,
+                           runtime_max_rss_mib=config.worker.runtime_max_rss_mib)
             self.http = HttpServer(app, config.http.bind_address, config.http.port)
             try:
                 self.http.start()

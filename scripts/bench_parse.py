@@ -32,7 +32,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -127,15 +126,6 @@ def network_gflop(model_dir: Path, size: str) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def peak_rss_gib() -> float:
-    """This process's own peak RSS (VmHWM). Not getrusage: Linux carries ru_maxrss over execve,
-    so a child would report the peak of the parent that started it."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
 OFFICIAL_TOOL = ROOT.parent / "shared" / "tools" / "official-m2fp"
 OFFICIAL_VENV = Path.home() / ".cache" / "official-m2fp" / "venv"
 
@@ -180,6 +170,8 @@ def official(model_dir: Path, sizes: list[str], runs: int, workdir: Path) -> dic
 
 
 def child(args: argparse.Namespace) -> None:
+    from dicom_node.allocator import peak_resident_gib
+
     w, h = (int(v) for v in args.size.split("x"))
     t0 = time.perf_counter()
     parser = _parser(args.model_dir, args.runtime, args.threads, args.postprocess)
@@ -197,7 +189,7 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({
         "runtime": args.runtime, "size": args.size, "postprocess": args.postprocess, "runs": args.runs,
         "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-        "peak_rss_gib": peak_rss_gib(), "load_s": load_s,
+        "peak_rss_gib": peak_resident_gib(), "load_s": load_s,
         "export_s": warm.timings_s.get("export"),
         "stage_median_s": {k: statistics.median(v) for k, v in stages.items()},
         "parts": len(result.parts), "persons": result.person_count,

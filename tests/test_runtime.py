@@ -30,9 +30,15 @@ from dicom_node.model.runtime.agreement import (
     reference_run,
 )
 from dicom_node.model.runtime.base import NetworkOutput, NetworkRuntime
-from dicom_node.model.runtime.choice import MIN_SPEEDUP, best_candidate, choose_runtime, cpu_refusal
+from dicom_node.model.runtime.choice import (
+    MIN_SPEEDUP,
+    best_candidate,
+    choose_runtime,
+    cpu_refusal,
+    fits_memory,
+)
 from dicom_node.model.runtime.eager import EagerRuntime
-from dicom_node.model.runtime.names import CANDIDATES
+from dicom_node.model.runtime.names import CANDIDATES, DEFAULT_MAX_RSS_MIB
 from dicom_node.model.runtime.openvino import OpenVinoRuntime
 from dicom_node.model.runtime.registry import build_runtime, prepare_kwargs
 from dicom_node.model.untrained import make_test_model_dir
@@ -176,6 +182,10 @@ def test_auto_measures_once_then_reuses_the_result_and_logs_the_choice(tmp_path:
     winner = first.runtime.name
     passing = {n: a for n, a in first.checked.items()
                if not isinstance(a, str) and a.passed and a.speedup >= MIN_SPEEDUP}
+    for agreement in passing.values():  # each candidate auto could take had its worker's memory measured
+        assert agreement.peak_rss_mib is not None and agreement.eager_peak_rss_mib is not None
+        assert 150 < agreement.peak_rss_mib < 8192 and 150 < agreement.eager_peak_rss_mib < 8192
+    passing = {n: a for n, a in passing.items() if fits_memory(a, DEFAULT_MAX_RSS_MIB)}
     if passing:
         assert winner == min(passing, key=lambda n: passing[n].network_s / passing[n].eager_network_s)
     else:
@@ -346,8 +356,10 @@ def test_a_near_duplicate_instance_is_matched_once() -> None:
     assert result.unmatched_fp32 == 1 and result.unmatched_other == 0
 
 
-def _agreement(runtime: str, passed: bool, network_s: float) -> Agreement:
-    return Agreement(runtime, passed, 1.0, 174, 0, 0, 0.0, 0, passed, 0, 1.0, network_s, 2.0, None)
+def _agreement(runtime: str, passed: bool, network_s: float, peak_rss_mib: float | None = 900.0,
+               eager_peak_rss_mib: float | None = 1100.0) -> Agreement:
+    return Agreement(runtime, passed, 1.0, 174, 0, 0, 0.0, 0, passed, 0, 1.0, network_s, 2.0, None,
+                     peak_rss_mib=peak_rss_mib, eager_peak_rss_mib=eager_peak_rss_mib)
 
 
 def test_auto_takes_the_fastest_passing_candidate_that_beats_eager_by_the_margin() -> None:
@@ -364,6 +376,69 @@ def test_auto_takes_the_fastest_passing_candidate_that_beats_eager_by_the_margin
     assert best_candidate(checked, "auto") is None  # eager, then
     best = best_candidate(checked, "openvino")  # named explicitly: any passing speed will do
     assert best is not None and best.runtime == "openvino"
+
+
+def test_auto_takes_no_candidate_that_needs_more_memory_than_the_limit_and_eager() -> None:
+    """Issue 17's resident-size target holds for ``auto`` on any CPU: a faster candidate whose
+    worker would exceed both the limit and eager's own peak is passed over (OpenVINO measured
+    1.54 GiB against eager's 1.1 GiB); one within either is taken; an unmeasured one is not."""
+    limit = 1229.0
+    checked: dict[str, Agreement | str] = {
+        "openvino": _agreement("openvino", True, 1.0, peak_rss_mib=1577.0, eager_peak_rss_mib=1130.0),
+        "eager-bf16": _agreement("eager-bf16", True, 1.3, peak_rss_mib=880.0, eager_peak_rss_mib=1130.0),
+    }
+    best = best_candidate(checked, "auto", limit)
+    assert best is not None and best.runtime == "eager-bf16"
+    assert best_candidate(checked, "auto", 2048.0).runtime == "openvino"  # a larger limit lets it in
+    # above the limit but not above eager's own peak (a large model): the candidate costs nothing extra
+    checked["openvino"] = _agreement("openvino", True, 1.0, peak_rss_mib=1500.0, eager_peak_rss_mib=1600.0)
+    assert best_candidate(checked, "auto", limit).runtime == "openvino"
+    checked["openvino"] = _agreement("openvino", True, 1.0, peak_rss_mib=None)  # not measured
+    assert best_candidate(checked, "auto", limit).runtime == "eager-bf16"
+    assert best_candidate(checked, "openvino", limit).runtime == "openvino"  # named: the admin's choice
+
+
+def test_the_memory_check_measures_a_fresh_workers_resident_peak(small_model_dir: Path,
+                                                                  parity_model_dir: Path) -> None:
+    """Each runtime's peak comes from a process of its own that loads the model and runs the
+    reference images: the full model's weights (250 MB) show in its figure, the small model's do
+    not, and a process that fails gives no figure rather than a wrong one."""
+    from dicom_node.model.runtime.check import peak_in_child
+
+    small = peak_in_child(str(small_model_dir), "eager", 2)
+    full = peak_in_child(str(parity_model_dir), "eager", 2)
+    assert small is not None and full is not None
+    assert 150 < small < 2048 and full < 4096
+    assert full - small > 200  # the full model's fp32 weights alone are ~240 MiB
+    assert peak_in_child(str(small_model_dir / "missing"), "eager", 2) is None
+
+
+def test_the_check_records_the_peaks_of_what_auto_could_take_and_keeps_only_what_fits(
+        tmp_path: Path, monkeypatch) -> None:
+    """With the speed margin lifted, openvino (passing on the small model) is a candidate ``auto``
+    could take: the check measures its worker's resident peak and eager's in processes of their
+    own, records both with its agreement, and keeps its graphs only if it fits the limit."""
+    import json
+
+    from dicom_node.model.runtime import check as check_module
+    from dicom_node.model.runtime import choice as choice_module
+    from dicom_node.model.runtime.choice import check_key
+
+    monkeypatch.setattr(choice_module, "MIN_SPEEDUP", 0.0)
+    model_dir = make_test_model_dir(tmp_path / "m", small=True)
+    results = tmp_path / "agreement.json"
+    keys = {"openvino": check_key("openvino", 2)}
+    for limit, fits in ((1.0, None), (8192.0, True)):  # 1 MiB: only eager's own peak is allowed
+        results.unlink(missing_ok=True)
+        check_module.run_checks(str(model_dir), ["openvino"], 2, "auto", str(results), keys, limit)
+        recorded = Agreement(**json.loads(results.read_text())[keys["openvino"]])
+        assert recorded.passed
+        assert recorded.peak_rss_mib is not None and recorded.eager_peak_rss_mib is not None
+        assert 150 < recorded.eager_peak_rss_mib < 4096 and 150 < recorded.peak_rss_mib < 4096
+        if fits is None:
+            fits = recorded.peak_rss_mib <= recorded.eager_peak_rss_mib
+        graphs = list((model_dir / "runtime-cache").glob("openvino-*"))
+        assert bool(graphs) == fits  # a candidate auto will not take leaves no graphs behind
 
 
 def test_bf16_runtimes_are_not_offered_without_native_bf16(small_model_dir: Path, monkeypatch, caplog) -> None:

@@ -161,7 +161,7 @@ def _runtime_row(config: NodeConfig, loaded: LoadedModel) -> CheckRow:
                     "start the node once and let the check finish (its result is kept in "
                     f"{loaded.model_dir / CACHE_DIR_NAME}), or set [worker] runtime = \"eager\"; a candidate that "
                     "cannot run here (e.g. openvino not installed) is measured again at every start")
-    best = best_candidate(checked, str(requested))
+    best = best_candidate(checked, str(requested), config.worker.runtime_max_rss_mib)
     if best is None:
         return ok("runtime", f"{requested}: cached: eager (no candidate passed and was faster)")
     return ok("runtime", f"{requested}: cached: {best.runtime} ({best.summary()})")

@@ -21,7 +21,7 @@ from dicom_node.model.names import PostprocessMode
 from dicom_node.model.postprocess import LazyMask, PostprocessOutput, postprocess, postprocess_lowres
 from dicom_node.model.preprocess import prepare_image
 from dicom_node.model.runtime.choice import RuntimeChoice, choose_runtime
-from dicom_node.model.runtime.names import RuntimeName
+from dicom_node.model.runtime.names import DEFAULT_MAX_RSS_MIB, RuntimeName
 from dicom_node.parse.result import ParsingResult, PartInstance, PersonInstance
 
 log = logging.getLogger(__name__)
@@ -33,10 +33,12 @@ class HumanParser:
     """Runs M2FP multi-person human parsing on RGB photos."""
 
     def __init__(self, loaded: LoadedModel, threads: int | None = None,
-                 postprocess_mode: str = PostprocessMode.EXACT, runtime: str = RuntimeName.AUTO) -> None:
+                 postprocess_mode: str = PostprocessMode.EXACT, runtime: str = RuntimeName.AUTO,
+                 runtime_max_rss_mib: float = DEFAULT_MAX_RSS_MIB) -> None:
         """``postprocess_mode``: "exact" (the official semantics at the photo's size) or "fast"
         (scores and label map at the network-input size; see ``postprocess_lowres``).
-        ``runtime``: "auto", "eager" or a candidate of :mod:`dicom_node.model.runtime`."""
+        ``runtime``: "auto", "eager" or a candidate of :mod:`dicom_node.model.runtime`;
+        ``runtime_max_rss_mib``: the memory ``auto`` may use (:func:`~dicom_node.model.runtime.choice.fits_memory`)."""
         if postprocess_mode not in POSTPROCESS_MODES:
             raise ValueError(f"postprocess_mode must be one of {sorted(POSTPROCESS_MODES)}, got {postprocess_mode!r}")
         self._postprocess = POSTPROCESS_MODES[PostprocessMode(postprocess_mode)]
@@ -46,20 +48,21 @@ class HumanParser:
         loaded.model.prepare_for_inference()
         if threads:
             torch.set_num_threads(threads)
-        self.runtime_choice: RuntimeChoice = choose_runtime(runtime, loaded, threads)
+        self.runtime_choice: RuntimeChoice = choose_runtime(runtime, loaded, threads,
+                                                            max_rss_mib=runtime_max_rss_mib)
         self.runtime = self.runtime_choice.runtime
         self.human_class = loaded.config.num_parsing
         self.class_names = tuple(loaded.config.classes)
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, threads: int | None = None,
-                       postprocess_mode: str = PostprocessMode.EXACT,
-                       runtime: str = RuntimeName.AUTO) -> HumanParser:
+                       postprocess_mode: str = PostprocessMode.EXACT, runtime: str = RuntimeName.AUTO,
+                       runtime_max_rss_mib: float = DEFAULT_MAX_RSS_MIB) -> HumanParser:
         t0 = time.perf_counter()
         loaded = load_model_dir(model_dir)
         log.info("model loaded from %s in %.2f s, version %s%s", model_dir, time.perf_counter() - t0,
                  loaded.digest[:16], " (UNTRAINED)" if loaded.untrained else "")
-        return cls(loaded, threads, postprocess_mode, runtime)
+        return cls(loaded, threads, postprocess_mode, runtime, runtime_max_rss_mib)
 
     @property
     def model_digest(self) -> str:

@@ -122,7 +122,8 @@ def worker_main(setup: WorkerSetup, slot: int, owner: str, messages: Connection,
     try:
         parser = HumanParser.from_model_dir(setup.model_dir, threads=torch_threads(setup.settings),
                                             postprocess_mode=setup.settings.postprocess,
-                                            runtime=setup.settings.runtime)
+                                            runtime=setup.settings.runtime,
+                                            runtime_max_rss_mib=setup.settings.runtime_max_rss_mib)
     except Exception as exc:  # ModelLoadError, a truncated file, out of memory: all mean "no model"
         _send(messages, WorkerMessage(MessageKind.MODEL_ERROR, slot, os.getpid(), f"{type(exc).__name__}: {exc}"))
         sys.exit(EXIT_MODEL_UNAVAILABLE)

@@ -13,6 +13,7 @@ from fastapi import FastAPI
 
 from dicom_node.config import HttpSettings, Peers
 from dicom_node.intake.accept import Acceptor
+from dicom_node.model.runtime.names import DEFAULT_MAX_RSS_MIB
 from dicom_node.monitor.metrics import NodeMetrics
 from dicom_node.monitor.readiness import Readiness
 from dicom_node.queue.store import JobStore
@@ -21,12 +22,13 @@ from dicom_node.web.parsing import ParserProvider
 
 
 def node_app(settings: HttpSettings, model_dir: Path, runtime: str, job_store: JobStore, readiness: Readiness,
-             metrics: NodeMetrics, acceptor: Acceptor | None = None, peers: Peers | None = None) -> FastAPI:
+             metrics: NodeMetrics, acceptor: Acceptor | None = None, peers: Peers | None = None,
+             runtime_max_rss_mib: float = DEFAULT_MAX_RSS_MIB) -> FastAPI:
     """The app a started node serves; ``metrics`` is the instance its stages report to. The API's
     own parser loads the node's model on first use, with the workers' runtime choice. With the
     node's ``acceptor`` (and its ``peers``, who may call) it takes photos by STOW-RS too, through
     the same checks, spool and job store as C-STORE."""
     parser = ParserProvider.from_model_dir(model_dir, settings.parse_threads, settings.max_waiting_parses,
-                                           runtime=runtime)
+                                           runtime=runtime, runtime_max_rss_mib=runtime_max_rss_mib)
     return create_app(parser_provider=parser, job_store=job_store, readiness=readiness, metrics=metrics,
                       settings=settings, acceptor=acceptor, peers=peers)

@@ -21,7 +21,7 @@ from typing import Any
 from dicom_node.decode.photo import Photo
 from dicom_node.logs import fields
 from dicom_node.model.presence import Signature, model_signature, no_model_message
-from dicom_node.model.runtime.names import RuntimeName
+from dicom_node.model.runtime.names import DEFAULT_MAX_RSS_MIB, RuntimeName
 from dicom_node.monitor.readiness import Check, CheckResult
 from dicom_node.parse.engine import HumanParser
 from dicom_node.parse.render import color_label_map, overlay, to_png_bytes
@@ -59,9 +59,11 @@ class ParserProvider:
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, threads: int = 0, max_waiting: int = 4,
-                       runtime: str = RuntimeName.AUTO) -> ParserProvider:
+                       runtime: str = RuntimeName.AUTO,
+                       runtime_max_rss_mib: float = DEFAULT_MAX_RSS_MIB) -> ParserProvider:
         torch_threads = threads or max(1, (os.cpu_count() or 2) // 2)
-        return cls(lambda: HumanParser.from_model_dir(model_dir, torch_threads, runtime=runtime), max_waiting,
+        return cls(lambda: HumanParser.from_model_dir(model_dir, torch_threads, runtime=runtime,
+                                                      runtime_max_rss_mib=runtime_max_rss_mib), max_waiting,
                    model_dir=Path(model_dir))
 
     @classmethod

@@ -288,6 +288,11 @@ class Agreement:
     unmatched_fraction_max: float = FIXED_THRESHOLDS.unmatched_fraction_max
     class_share_pp_max: float = FIXED_THRESHOLDS.class_share_pp_max
     thresholds_source: str = FIXED_THRESHOLDS.source
+    # Resident peaks (MiB) of a fresh process that loads the model, builds the runtime from its
+    # cached graphs and runs it on the reference images, as a worker does (check.py): measured for
+    # the candidates ``auto`` could take, None where not measured
+    peak_rss_mib: float | None = None
+    eager_peak_rss_mib: float | None = None
 
     @property
     def speedup(self) -> float:
@@ -317,7 +322,9 @@ class Agreement:
                 f"person count {'equal' if not self.person_count_diff else 'differs'}; "
                 f"issue-5 rule {issue5} (>= {ISSUE5_LABEL_AGREEMENT_MIN * 100:.1f} %, {self.lost_by_query} lost by "
                 f"query, min IoU {self.min_iou_by_query:.4f}); "
-                f"network {self.network_s:.2f} s vs eager {self.eager_network_s:.2f} s ({self.speedup:.2f}x)")
+                f"network {self.network_s:.2f} s vs eager {self.eager_network_s:.2f} s ({self.speedup:.2f}x)"
+                + (f"; resident peak {self.peak_rss_mib:.0f} MiB vs eager {self.eager_peak_rss_mib:.0f} MiB"
+                   if self.peak_rss_mib is not None and self.eager_peak_rss_mib is not None else ""))
 
 
 def _timed(runtime: NetworkRuntime, tensor: torch.Tensor, runs: int) -> tuple[NetworkOutput, list[float], float | None]:

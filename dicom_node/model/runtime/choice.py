@@ -26,6 +26,7 @@ from dicom_node.model.runtime.cpu import native_bf16_refusal
 from dicom_node.model.runtime.eager import EagerRuntime
 from dicom_node.model.runtime.names import (
     CANDIDATES,
+    DEFAULT_MAX_RSS_MIB,
     NEEDS_NATIVE_BF16,
     NETWORK_REVISION,
     REVISIONS,
@@ -62,11 +63,17 @@ def _versions() -> str:
     return " ".join(parts)
 
 
+# Raised when what the check records changes. 2: resident peaks (Agreement.peak_rss_mib), without
+# which ``auto`` takes no candidate, so results recorded before are measured again.
+RECORD_REVISION = 2
+
+
 def check_key(name: str, threads: int | None) -> str:
     """What a check result depends on: a result measured under another network or runtime
-    revision, rule, thread count, package version or CPU is measured again."""
+    revision, rule, record, thread count, package version or CPU is measured again."""
     return (f"{name} rev={REVISIONS.get(RuntimeName(name), 1)} net={NETWORK_REVISION} rule={RULE_VERSION}"
-            f" threads={threads or torch.get_num_threads()} {_versions()} cpu={machine_signature()}")
+            f" rec={RECORD_REVISION} threads={threads or torch.get_num_threads()} {_versions()}"
+            f" cpu={machine_signature()}")
 
 
 def cpu_refusal(name: str) -> str | None:
@@ -77,10 +84,11 @@ def cpu_refusal(name: str) -> str | None:
 
 
 def choose_runtime(requested: str, loaded: LoadedModel, threads: int | None = None,
-                   candidates: tuple[str, ...] = CANDIDATES) -> RuntimeChoice:
+                   candidates: tuple[str, ...] = CANDIDATES, max_rss_mib: float = DEFAULT_MAX_RSS_MIB
+                   ) -> RuntimeChoice:
     """The runtime to parse with: ``eager``, a named candidate (used only if it passes its
-    check), or ``auto`` (the fastest candidate that passes and beats eager by ``MIN_SPEEDUP``,
-    else eager)."""
+    check), or ``auto`` (the fastest candidate that passes, beats eager by ``MIN_SPEEDUP`` and
+    fits ``max_rss_mib`` (:func:`fits_memory`), else eager)."""
     if requested not in RUNTIME_CHOICES:
         raise ValueError(f"unknown runtime {requested!r}; choose one of {', '.join(RUNTIME_CHOICES)}")
     eager = EagerRuntime(loaded.model)
@@ -96,7 +104,8 @@ def choose_runtime(requested: str, loaded: LoadedModel, threads: int | None = No
     keys = {name: check_key(name, threads) for name in names}
     with locked(cache, "agreement"):  # one process measures; the others read its results
         missing = [name for name in names if keys[name] not in read_json(results_path)]
-        failure = _check_in_child(loaded, missing, threads, requested, results_path) if missing else None
+        failure = (_check_in_child(loaded, missing, threads, requested, results_path, max_rss_mib)
+                   if missing else None)
         results = read_json(results_path)
     checked: dict[str, Agreement | str] = {}
     for name in wanted:
@@ -109,26 +118,41 @@ def choose_runtime(requested: str, loaded: LoadedModel, threads: int | None = No
         else:
             checked[name] = failure or "unavailable: not checked"
     choice = RuntimeChoice(eager, None, checked)
-    best = best_candidate(checked, requested)
+    best = best_candidate(checked, requested, max_rss_mib)
     if best is not None:
         try:
             choice = RuntimeChoice(build_runtime(best.runtime, loaded, threads), best, checked)
         except RuntimeUnavailable as exc:
             checked[best.runtime] = f"unavailable: {exc}"
-    _log_choice(choice, requested, loaded)
+    _log_choice(choice, requested, loaded, max_rss_mib)
     return choice
 
 
-def best_candidate(checked: dict[str, Agreement | str], requested: str) -> Agreement | None:
-    """The passing candidate to use: for ``auto`` only one clearly faster than eager."""
+def best_candidate(checked: dict[str, Agreement | str], requested: str,
+                   max_rss_mib: float = DEFAULT_MAX_RSS_MIB) -> Agreement | None:
+    """The passing candidate to use: for ``auto`` only one clearly faster than eager that fits
+    the memory (a runtime named explicitly is the administrator's choice, memory included)."""
     passing = [a for a in checked.values() if isinstance(a, Agreement) and a.passed]
     if requested == RuntimeName.AUTO:
-        passing = [a for a in passing if a.speedup >= MIN_SPEEDUP]
+        passing = [a for a in auto_eligible(passing) if fits_memory(a, max_rss_mib)]
     return min(passing, key=lambda a: a.network_s / a.eager_network_s) if passing else None
 
 
+def auto_eligible(agreements: list[Agreement]) -> list[Agreement]:
+    """The candidates ``auto`` could take on speed and agreement: passed and beat eager by the margin."""
+    return [a for a in agreements if a.passed and a.speedup >= MIN_SPEEDUP]
+
+
+def fits_memory(agreement: Agreement, max_rss_mib: float) -> bool:
+    """Whether a worker running this candidate stays within ``max_rss_mib`` or eager's own peak,
+    whichever is larger; an unmeasured peak does not fit."""
+    if agreement.peak_rss_mib is None or agreement.eager_peak_rss_mib is None:
+        return False
+    return agreement.peak_rss_mib <= max(max_rss_mib, agreement.eager_peak_rss_mib)
+
+
 def _check_in_child(loaded: LoadedModel, names: list[str], threads: int | None, requested: str,
-                    results_path: Path) -> str | None:
+                    results_path: Path, max_rss_mib: float) -> str | None:
     """Run the checks in a fresh process (:mod:`.check`); None, or why they could not run.
 
     Exporting and checking the full model peaks near 6 GiB, and a parsing process keeps its
@@ -138,6 +162,7 @@ def _check_in_child(loaded: LoadedModel, names: list[str], threads: int | None, 
     """
     job = {"model_dir": str(loaded.model_dir), "names": names, "threads": threads, "requested": requested,
            "results_path": str(results_path), "keys": {n: check_key(n, threads) for n in names},
+           "max_rss_mib": max_rss_mib,
            "log_level": logging.getLogger().getEffectiveLevel()}
     done = subprocess.run([sys.executable, "-m", "dicom_node.model.runtime.check", json.dumps(job)], check=False)
     if done.returncode != 0:
@@ -157,8 +182,17 @@ def _log_check(agreement: Agreement, loaded: LoadedModel) -> None:
                     model=loaded.digest[:16]))
 
 
-def _log_choice(choice: RuntimeChoice, requested: str, loaded: LoadedModel) -> None:
-    others = "; ".join(f"{name}: {'passed' if isinstance(r, Agreement) and r.passed else 'rejected'} "
+def _verdict(result: Agreement | str, requested: str, max_rss_mib: float) -> str:
+    if not isinstance(result, Agreement) or not result.passed:
+        return "rejected"
+    if requested == RuntimeName.AUTO and auto_eligible([result]) and not fits_memory(result, max_rss_mib):
+        return f"passed, but needs more memory than {max_rss_mib:.0f} MiB or eager's (worker.runtime_max_rss_mib)"
+    return "passed"
+
+
+def _log_choice(choice: RuntimeChoice, requested: str, loaded: LoadedModel,
+                max_rss_mib: float = DEFAULT_MAX_RSS_MIB) -> None:
+    others = "; ".join(f"{name}: {_verdict(r, requested, max_rss_mib)} "
                        f"({r.summary() if isinstance(r, Agreement) else r})" for name, r in choice.checked.items()
                        if name != choice.runtime.name)
     log.info(fields(event="runtime.selected", requested=requested, runtime=choice.runtime.name,
