@@ -221,3 +221,86 @@ def test_equal_scores_of_two_classes_paint_as_the_official_order(bench) -> None:
     tied = [p for p in new.parts if p.query_index in (src, dst)]
     assert {p.class_id for p in tied} == {top, other} and len({p.score for p in tied}) == 1
     bench.assert_identical(old, new)
+
+
+@pytest.fixture()
+def two_threads():
+    """The node's default on these 2-core machines; restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_one_thread_reproduces_the_threaded_sigmoid_and_sum(two_threads) -> None:
+    """The parallel postprocess rests on this: chunk by chunk on one intra-op thread, the sigmoid
+    and the sum give the two-thread bits, on inputs whose sigmoid depends on the loop that
+    computes it; a chunk boundary 32 elements off gives other bits, and the check says so."""
+    from dicom_node.model import postprocess as pp
+
+    assert pp.reductions_reproducible(2)
+    differs = pp._scalar_sigmoid_differs(torch.Generator().manual_seed(7))
+    assert differs.numel() > 100
+    own_sums_differ = []
+    for n in (70_001, 1_234_567, 12_000_039):  # thread 0's chunk ends in a scalar tail of 25, 4 and 20
+        x = differs.repeat(n // differs.numel() + 1)[:n].clone()
+        x[::5] = float("-inf")
+        want = x.clone().sigmoid_()
+        want_sum = float(want.sum())  # on two threads
+        with pp.one_intra_op_thread():
+            assert torch.get_num_threads() == 1
+            emulated = pp.Reductions(2, emulate=True)
+            got = emulated.sigmoid_(x.clone())
+            assert torch.equal(got, want)
+            assert emulated.sum(got) == want_sum
+            own_sums_differ.append(float(got.sum()) != want_sum)
+            shifted = x.clone()  # thread 0's chunk 32 elements longer than ATen's
+            half = -(-n // 2) + 32
+            shifted[:half].sigmoid_()
+            shifted[half:].sigmoid_()
+            assert not torch.equal(shifted, want)
+    assert any(own_sums_differ)  # one thread's own sum is not the two threads': the emulation matters
+    assert torch.get_num_threads() == 2
+
+
+def test_a_wrong_split_is_caught_and_the_postprocess_stays_sequential(two_threads, monkeypatch) -> None:
+    from dicom_node.model import postprocess as pp
+
+    pp.reductions_reproducible.cache_clear()
+    monkeypatch.setattr(pp, "thread_chunks", lambda n, threads: [(0, n // 2 + 32), (n // 2 + 32, n)])
+    try:
+        assert not pp.reductions_reproducible(2)
+    finally:
+        pp.reductions_reproducible.cache_clear()
+
+
+@pytest.mark.parametrize("size", ["333x1000", "1024x768", "4000x3000"])
+def test_queries_in_parallel_give_the_sequential_bits(bench, two_threads, monkeypatch, size) -> None:
+    """The same outputs, bit for bit, whether queries run one after another on two intra-op
+    threads or two at a time on one each; the intra-op thread count is restored."""
+    from dicom_node.model import postprocess as pp
+
+    inp = bench.synthetic_inputs(size, seed=11)
+    calls = []
+    real_run_pass = pp._run_pass
+    monkeypatch.setattr(pp, "_run_pass", lambda work, parallel: calls.append(parallel) or real_run_pass(work, parallel))
+    parallel = bench.run(pp.postprocess, inp)
+    assert calls == [True, True] and torch.get_num_threads() == 2
+    monkeypatch.setattr(pp, "reductions_reproducible", lambda threads: False)
+    sequential = bench.run(pp.postprocess, inp)
+    assert calls[2:] == [False, False]
+    assert len(parallel.parts) > 3
+    bench.assert_identical(sequential, parallel, check_part_masks=False)
+
+
+def test_an_error_inside_a_worker_restores_the_thread_count(bench, two_threads, monkeypatch) -> None:
+    from dicom_node.model import postprocess as pp
+
+    def broken(logits, reductions=None):
+        assert torch.get_num_threads() == 1  # inside a worker
+        raise MemoryError("no room for the window")
+
+    monkeypatch.setattr(pp, "mask_score_in_place", broken)
+    with pytest.raises(MemoryError):
+        bench.run(pp.postprocess, bench.synthetic_inputs("1024x768", seed=3))
+    assert torch.get_num_threads() == 2
