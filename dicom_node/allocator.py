@@ -30,15 +30,23 @@ log = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD = -1  # malloc.h
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 
 
 @dataclass(frozen=True)
 class Thresholds:
     mmap_bytes: int  # blocks below this come from the heap, and are reused after free
     trim_bytes: int  # the heap's free top is given back above this
+    # at most this many malloc arenas (0: glibc's default, 8 per core). A thread that allocates
+    # gets an arena of its own, and with nothing trimmed each keeps its high-water mark: the
+    # exact postprocess's workers (one per intra-op thread) added 150 MB at 4000x3000 that one
+    # shared arena reuses (measured: +550 vs +397 MiB over the process's start; the network's
+    # time unchanged, 1.25-1.29 s either way, Zen 4).
+    arenas: int = 0
 
 
-PARSING = Thresholds(mmap_bytes=1 << 30, trim_bytes=2**31 - 1)  # never give the heap's top back
+# never give the heap's top back; one arena
+PARSING = Thresholds(mmap_bytes=1 << 30, trim_bytes=2**31 - 1, arenas=1)
 NODE = Thresholds(mmap_bytes=64 << 20, trim_bytes=256 << 20)
 
 _applied: Thresholds | None = None
@@ -52,8 +60,9 @@ def keep_freed_memory(thresholds: Thresholds = PARSING) -> bool:
     """
     global _applied
     if _applied is not None:
+        arenas = min((n for n in (_applied.arenas, thresholds.arenas) if n), default=0)
         thresholds = Thresholds(max(_applied.mmap_bytes, thresholds.mmap_bytes),
-                                max(_applied.trim_bytes, thresholds.trim_bytes))
+                                max(_applied.trim_bytes, thresholds.trim_bytes), arenas)
         if thresholds == _applied:
             return True
     if not sys.platform.startswith("linux"):
@@ -62,6 +71,8 @@ def keep_freed_memory(thresholds: Thresholds = PARSING) -> bool:
         libc = ctypes.CDLL("libc.so.6")
         ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, thresholds.mmap_bytes)) and bool(
             libc.mallopt(_M_TRIM_THRESHOLD, thresholds.trim_bytes))
+        if thresholds.arenas:
+            ok = ok and bool(libc.mallopt(_M_ARENA_MAX, thresholds.arenas))
     except (OSError, AttributeError):
         return False
     if not ok:
