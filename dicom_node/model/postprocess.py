@@ -521,14 +521,14 @@ def label_key(score: float, class_id: int) -> float:
 
 
 class _Buffers:
-    """Flat float32 work buffers, each grown to the largest window seen, viewed at each window's shape."""
+    """Two flat float32 work buffers, grown to the largest window seen, viewed at each window's shape."""
 
     def __init__(self) -> None:
-        self._flat: dict[int, torch.Tensor] = {}
+        self._flat = [torch.empty(0), torch.empty(0)]
 
     def get(self, i: int, shape: tuple[int, int]) -> torch.Tensor:
         n = shape[0] * shape[1]
-        if i not in self._flat or self._flat[i].numel() < n:
+        if self._flat[i].numel() < n:
             self._flat[i] = torch.empty(n)
         return self._flat[i][:n].view(shape)
 
@@ -630,12 +630,15 @@ def _run_pass(work: _Pass, parallel: bool) -> list[_QueryResult]:
     """Every query of the pass, in query order. ``parallel``: the intra-op threads' count of
     Python threads, each on a few queries at a time with one intra-op thread: ATen splits each
     element-wise pass over 12 MP between threads well, but not the Python between the passes,
-    the column gathers (one thread in ATen) or a small photo's short passes (0.29 -> 0.14 s at
-    1024x768, 1.31 -> 1.10 s at 4000x3000 on 2 threads, Zen 4). The reductions emulate the
-    intra-op threads (:class:`Reductions`), so the bits are the same either way."""
+    the column gathers (one thread in ATen) or a small photo's short passes (measured, the same
+    outputs interleaved in one process, untrained model, 2 threads, Zen 4: 0.28 -> 0.17 s at
+    1024x768, 1.38 -> 1.18 s at 4000x3000). The reductions emulate the intra-op threads
+    (:class:`Reductions`), so the bits are the same either way."""
     queries = list(work.by_query)
     if not parallel:
-        return [r for _, r in work.run(queries, _Buffers())]
+        buffers = _Buffers()
+        return [r for start in range(0, len(queries), RESIZED_CHUNK)
+                for _, r in work.run(queries[start:start + RESIZED_CHUNK], buffers)]
     # One set of window buffers per worker, allocated here: glibc gives each thread an arena of
     # its own and this process never trims one (dicom_node.allocator), so buffers grown inside
     # the workers would stay resident beside the main arena's (+150 MB at 12 MP, measured).
