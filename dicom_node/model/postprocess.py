@@ -639,14 +639,13 @@ def _run_pass(work: _Pass, parallel: bool) -> list[_QueryResult]:
         buffers = _Buffers()
         return [r for start in range(0, len(queries), RESIZED_CHUNK)
                 for _, r in work.run(queries[start:start + RESIZED_CHUNK], buffers)]
-    # One set of window buffers per worker, allocated here: glibc gives each thread an arena of
-    # its own and this process never trims one (dicom_node.allocator), so buffers grown inside
-    # the workers would stay resident beside the main arena's (+150 MB at 12 MP, measured).
+    # One set of window buffers per worker, grown to the largest window it meets (a trained
+    # model's parts are far smaller than the photo). A parsing process has one malloc arena
+    # (dicom_node.allocator.PARSING): with one per thread and nothing trimmed, what the workers
+    # allocated stayed resident beside the main arena's (+150 MB at 12 MP, measured).
     free: queue.SimpleQueue[_Buffers] = queue.SimpleQueue()
     for _ in range(work.reductions.threads):
-        buffers = _Buffers()
-        buffers.get(0, work.up.original_hw)  # the largest window
-        free.put(buffers)
+        free.put(_Buffers())
     inference = torch.is_inference_mode_enabled()  # thread-local: the workers take the caller's
 
     def run(chunk: list[int]) -> list[tuple[int, _QueryResult]]:
