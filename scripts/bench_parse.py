@@ -99,12 +99,17 @@ def cpu_peak(threads: int) -> dict[str, float]:
         elif line.startswith("cpu MHz") and not mhz:
             mhz = float(line.split(":")[1])
     lanes = 16 if " avx512f" in flags else 8 if " avx2" in flags else 4
+    from dicom_node.model.runtime.cpu import has_vnni, isa_cap, isa_signature, native_bf16_refusal
+
+    cap = isa_cap()
+    if cap is not None and not cap[1].startswith(("AVX512", "AVX10", "ALL", "DEFAULT")):
+        lanes = min(lanes, 4 if cap[1] == "SSE41" else 8)  # oneDNN's convolutions run at the cap's width
     fma = 2 if " fma" in flags or lanes == 16 else 1
     theoretical = threads * mhz / 1000 * lanes * 2 * fma  # 2 FMA units, 2 FLOP per FMA
+    caps = isa_signature()  # a cap (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA) runs this CPU as an older one
     return {"measured_gflops": measured, "theoretical_gflops": theoretical,
-            "isa": "AVX-512" if lanes == 16 else "AVX2", "mhz": mhz,
-            "bf16": " avx512_bf16" in flags or " amx_bf16" in flags,
-            "vnni": " avx512_vnni" in flags or " avx_vnni" in flags}
+            "isa": ("AVX-512" if lanes == 16 else "AVX2") + (f", capped: {caps}" if caps else ""), "mhz": mhz,
+            "bf16": native_bf16_refusal() is None, "vnni": has_vnni()}
 
 
 def network_gflop(model_dir: Path, size: str) -> float:

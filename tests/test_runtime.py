@@ -33,6 +33,7 @@ from dicom_node.model.runtime.base import NetworkOutput, NetworkRuntime
 from dicom_node.model.runtime.choice import (
     MIN_SPEEDUP,
     best_candidate,
+    check_key,
     choose_runtime,
     cpu_refusal,
     fits_memory,
@@ -422,7 +423,7 @@ def test_the_check_records_the_peaks_of_what_auto_could_take_and_keeps_only_what
 
     from dicom_node.model.runtime import check as check_module
     from dicom_node.model.runtime import choice as choice_module
-    from dicom_node.model.runtime.choice import check_key
+
 
     monkeypatch.setattr(choice_module, "MIN_SPEEDUP", 0.0)
     model_dir = make_test_model_dir(tmp_path / "m", small=True)
@@ -462,6 +463,37 @@ def test_bf16_runtimes_are_not_offered_without_native_bf16(small_model_dir: Path
     for name in ("eager-bf16", "openvino-bf16"):
         with pytest.raises(RuntimeUnavailable, match="native bf16"):
             build_runtime(name, loaded)
+
+
+def test_an_isa_cap_hides_native_bf16_and_vnni_and_changes_the_check_key(monkeypatch) -> None:
+    """An administrator's oneDNN cap (e.g. a mixed Zen 3 / Zen 4 fleet all in fp32) makes a bf16 CPU
+    an AVX2 one for the runtime choice, and a check measured without the cap is not reused."""
+    from dicom_node.model.runtime.cpu import has_vnni, native_bf16_refusal
+
+    zen4 = frozenset({"avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni"})
+    assert native_bf16_refusal(zen4, {}) is None and has_vnni(zen4, {})
+    for variable in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        reason = native_bf16_refusal(zen4, {variable: "avx2"})
+        assert reason is not None and f"{variable}=AVX2" in reason
+        assert not has_vnni(zen4, {variable: "AVX2"})
+    assert native_bf16_refusal(zen4, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"}) is not None
+    assert has_vnni(zen4, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"})
+    for uncapped in ("AVX512_CORE_BF16", "AVX512_CORE_AMX", "ALL", "DEFAULT"):
+        assert native_bf16_refusal(zen4, {"ONEDNN_MAX_CPU_ISA": uncapped}) is None
+    # oneDNN reads ONEDNN_ before DNNL_
+    assert native_bf16_refusal(zen4, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16", "DNNL_MAX_CPU_ISA": "AVX2"}) is None
+    # the real check: the cap reaches cpu_refusal through the environment
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    key = check_key("eager", 2)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    reason = cpu_refusal("eager-bf16")
+    assert reason is not None and "native bf16" in reason
+    capped_key = check_key("eager", 2)
+    assert capped_key != key and "ONEDNN_MAX_CPU_ISA=AVX2" in capped_key
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert check_key("eager", 2) not in (key, capped_key)
 
 
 @pytest.mark.parametrize("name", ["eager-bf16", "openvino-bf16"])
@@ -569,7 +601,7 @@ def test_a_candidate_whose_check_breaks_does_not_cost_the_others_theirs(small_mo
     import json
 
     from dicom_node.model.runtime import check as check_module
-    from dicom_node.model.runtime.choice import check_key
+
 
     real_build = check_module.build_runtime
 

@@ -20,6 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from dicom_node.model.runtime.cpu import isa_signature
+
 CACHE_DIR_NAME = "runtime-cache"
 
 
@@ -56,7 +58,8 @@ def locked(cache_dir: Path, name: str) -> Iterator[None]:
 
 
 def machine_signature() -> str:
-    """The CPU model and its instruction-set flags: a speed measured elsewhere says nothing here."""
+    """The CPU model, its instruction-set flags and any cap on them (:func:`isa_signature`): a speed
+    measured elsewhere says nothing here."""
     model, flags = platform.processor(), ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -67,8 +70,9 @@ def machine_signature() -> str:
                 break
     except OSError:
         pass
+    caps = isa_signature()
     digest = hashlib.sha256(f"{model}|{flags}|{os.cpu_count()}".encode()).hexdigest()[:16]
-    return f"{model or platform.machine()} [{digest}]"
+    return f"{model or platform.machine()} [{digest}]" + (f" {caps}" if caps else "")
 
 
 def read_json(path: Path) -> dict[str, Any]:
