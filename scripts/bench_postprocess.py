@@ -2,7 +2,8 @@
 
 OLD is a verbatim copy of ``dicom_node.model.postprocess.postprocess`` as it was before issue 17
 (F.interpolate's generic bilinear kernel for the photo-size logits, compare-and-paint label map);
-NEW is the package's current ``postprocess``. Both run on the same network outputs, interleaved,
+NEW is the package's current ``postprocess`` (with the fused window kernel where a C compiler
+is present; also timed without it, its ATen path). Both run on the same network outputs, interleaved,
 in one process with 2 threads (the engine's allocator setting), medians of --runs runs after a
 warm-up each; every output is compared bit for bit: kept instances (scores as float64 equality),
 human masks, the label map and every part's photo-size mask (``full_mask``).
@@ -33,12 +34,14 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from dicom_node.model import window_kernel  # noqa: E402
 from dicom_node.model.postprocess import (  # noqa: E402
     RESIZED_CHUNK,
     SCORE_CUT,
     Candidate,
     KeptInstance,
     PostprocessOutput,
+    native_is_exact,
     postprocess,
     select_candidates,
 )
@@ -289,21 +292,36 @@ def main() -> None:
           f"warm-up, interleaved; inputs: {'synthetic' if args.synthetic else 'untrained full-size model'}")
     print(f"CPU: {cpu_description()}; torch {torch.__version__}, ATen CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}")
+    kernel = window_kernel.kernel()
+    print("window kernel: " + ("built, checked exact" if kernel is not None and native_is_exact() else
+                               "NOT in use (no C compiler, or its check failed): NEW = NEW without kernel"))
     for size, inp in inputs.items():
         old_out, new_out = run(old_postprocess, inp), run(postprocess, inp)  # warm-up
         assert_identical(old_out, new_out)
-        times: dict[str, list[float]] = {"old": [], "new": []}
+        assert_identical(old_out, run(postprocess_without_kernel, inp))
+        times: dict[str, list[float]] = {"old": [], "new": [], "aten": []}
         for _ in range(args.runs):
-            for name, fn in (("old", old_postprocess), ("new", postprocess)):
+            for name, fn in (("old", old_postprocess), ("new", postprocess), ("aten", postprocess_without_kernel)):
                 t = time.perf_counter()
                 out = run(fn, inp)
                 times[name].append(time.perf_counter() - t)
                 assert_identical(old_out, out, check_part_masks=False)
-        old_s, new_s = statistics.median(times["old"]), statistics.median(times["new"])
+        old_s, new_s, aten_s = (statistics.median(times[k]) for k in ("old", "new", "aten"))
         print(f"{size}: {len(new_out.parts)} parts, {len(new_out.humans)} humans; OLD median {old_s:.3f} s "
-              f"(min {min(times['old']):.3f}), NEW median {new_s:.3f} s (min {min(times['new']):.3f}); "
-              f"speed-up {old_s / new_s:.2f}x; outputs bit-identical "
+              f"(min {min(times['old']):.3f}), NEW median {new_s:.3f} s (min {min(times['new']):.3f}), "
+              f"NEW without the window kernel {aten_s:.3f} s; speed-up {old_s / new_s:.2f}x "
+              f"(kernel: {aten_s / new_s:.2f}x); outputs bit-identical "
               f"(instances, human masks, label map, {len(new_out.parts)} part masks)")
+
+
+def postprocess_without_kernel(*args, **kwargs) -> PostprocessOutput:
+    """NEW on its ATen path (what a node without a C compiler runs)."""
+    real = window_kernel.kernel
+    setattr(window_kernel, "kernel", lambda: None)  # noqa: B010 - a module function, swapped for one call
+    try:
+        return postprocess(*args, **kwargs)
+    finally:
+        setattr(window_kernel, "kernel", real)  # noqa: B010
 
 
 if __name__ == "__main__":

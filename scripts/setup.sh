@@ -18,9 +18,11 @@ if [ $WITH_TEST -eq 0 ] && [ -x .venv/bin/dicom-node ] && [ -f "$STAMP" ] \
     exit 0
 fi
 
-# postgresql: the server tests/postgres_fixtures.py starts for the shared job store's tests
+# postgresql: the server tests/postgres_fixtures.py starts for the shared job store's tests;
+# gcc + libc6-dev: the exact postprocess's window kernel (dicom_node/model/window_kernel.c), which the
+# tests require to be built (a node without them keeps the slower ATen path)
 DEBIAN_TEST_PACKAGES=(dcmtk dicom3tools orthanc orthanc-dicomweb orthanc-python orthanc-gdcm chromium chromium-driver
-                      postgresql)
+                      postgresql gcc libc6-dev)
 
 install_debian() {
     local missing=()

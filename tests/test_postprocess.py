@@ -296,11 +296,120 @@ def test_queries_in_parallel_give_the_sequential_bits(bench, two_threads, monkey
 def test_an_error_inside_a_worker_restores_the_thread_count(bench, two_threads, monkeypatch) -> None:
     from dicom_node.model import postprocess as pp
 
-    def broken(logits, reductions=None):
+    def broken(self, flat):
         assert torch.get_num_threads() == 1  # inside a worker
         raise MemoryError("no room for the window")
 
-    monkeypatch.setattr(pp, "mask_score_in_place", broken)
+    monkeypatch.setattr(pp.Reductions, "sigmoid_", broken)  # both the kernel's path and ATen's call it
     with pytest.raises(MemoryError):
         bench.run(pp.postprocess, bench.synthetic_inputs("1024x768", seed=3))
     assert torch.get_num_threads() == 2
+
+
+@pytest.fixture()
+def aten_path(monkeypatch):
+    """The exact postprocess without the fused window kernel (a node without a C compiler)."""
+    from dicom_node.model import window_kernel
+
+    monkeypatch.setenv(window_kernel.DISABLE_ENV, "1")
+    window_kernel.kernel.cache_clear()
+    yield
+    monkeypatch.delenv(window_kernel.DISABLE_ENV)
+    window_kernel.kernel.cache_clear()
+
+
+def test_the_window_kernel_is_built_here_and_checked_exact() -> None:
+    """The test machines have a C compiler (scripts/setup.sh --test installs gcc), so the fused path
+    is the one the other tests of this file run; its start-up check passes on this CPU."""
+    from dicom_node.model import postprocess as pp
+    from dicom_node.model import window_kernel
+
+    assert window_kernel.kernel() is not None
+    assert pp.native_is_exact()
+
+
+@pytest.mark.parametrize("size", ["1024x768", "4000x3000"])
+def test_the_window_kernel_gives_the_aten_paths_bits(bench, request, size) -> None:
+    """Kernel on (the default here) and off: the same kept instances, masks and label map."""
+    inp = bench.synthetic_inputs(size, seed=21)
+    fused = bench.run(postprocess, inp)
+    assert fused.upsampler.kernel is not None
+    request.getfixturevalue("aten_path")
+    aten = bench.run(postprocess, inp)
+    assert aten.upsampler.kernel is None
+    assert len(aten.parts) > 3
+    bench.assert_identical(aten, fused, check_part_masks=size != "4000x3000")
+
+
+def test_one_window_from_the_kernel_equals_the_aten_window(bench) -> None:
+    """At 12 MP: thresholded logits and positive count of a large and a small window, bit for bit."""
+    from dicom_node.model.postprocess import MaskUpsampler
+
+    inp = bench.synthetic_inputs("4000x3000", seed=4)
+    up = MaskUpsampler(inp["pred_masks"], inp["padded_hw"], inp["resized_hw"], inp["original_hw"])
+    assert up.kernel is not None
+    checked = 0
+    for q in range(inp["pred_masks"].shape[0]):
+        resized = up.resized([q])[0]
+        win = up.window(resized > 0)
+        if win is None:
+            continue
+        want = up.window_logits(resized, win).clone()
+        F.threshold(want, 0.0, float("-inf"), inplace=True)
+        got = torch.full(want.shape, 7.0)
+        fused = up.thresholded_window(resized, win, got, torch.empty(2, want.shape[1]))
+        assert fused == (int((want > 0).sum()), 0)
+        assert torch.equal(got, want)
+        checked += 1
+        if checked == 3:
+            break
+    assert checked == 3
+
+
+def test_nan_logits_take_the_aten_path_and_give_what_it_gives(bench, request, monkeypatch) -> None:
+    """A network that returns NaN inside a drawn window: the kernel reports it and the ATen path
+    decides, as it did before the kernel (the NaN count reaches int(): an error the worker reports)."""
+    from dicom_node.model.postprocess import MaskUpsampler
+
+    inp = bench.synthetic_inputs("1024x768", seed=8)
+    masks = inp["pred_masks"].clone()
+    q = next(c.query_index for c in select_candidates(inp["pred_logits"], inp["human_class"])
+             if bool((masks[c.query_index] > 0).any()))
+    y, x = (masks[q] > 0).nonzero()[0].tolist()
+    masks[q, y, x] = float("nan")  # inside the window of a query that is drawn
+    inp = {**inp, "pred_masks": masks}
+    seen = []
+    real = MaskUpsampler.thresholded_window
+    monkeypatch.setattr(MaskUpsampler, "thresholded_window",
+                        lambda self, *a: seen.append(real(self, *a)) or seen[-1])
+    with pytest.raises(ValueError, match="NaN") as fused:
+        bench.run(postprocess, inp)
+    assert any(r is not None and r[1] > 0 for r in seen)  # the kernel met the NaN and handed over
+    request.getfixturevalue("aten_path")
+    with pytest.raises(ValueError, match="NaN") as aten:
+        bench.run(postprocess, inp)
+    assert str(fused.value) == str(aten.value)
+
+
+def test_a_kernel_that_rounds_otherwise_is_refused(monkeypatch) -> None:
+    """The start-up check can fail: the same kernel fed the two source rows the other way round
+    (a different but plausible arithmetic) is not trusted, and the postprocess keeps ATen's path."""
+    from dicom_node.model import postprocess as pp
+    from dicom_node.model import window_kernel
+
+    real = window_kernel.kernel()
+    assert real is not None
+
+    class Swapped(window_kernel.WindowKernel):
+        def window_logits(self, src, cols, rows, scratch, out):
+            i0, i1, w0, w1 = rows
+            return super().window_logits(src, cols, (i1, i0, w1, w0), scratch, out)
+
+    monkeypatch.setattr(window_kernel, "kernel", lambda: Swapped(real.library))
+    pp.native_is_exact.cache_clear()
+    try:
+        assert not pp.native_is_exact()
+        up = pp.MaskUpsampler(torch.randn(3, 160, 216), (640, 864), (640, 853), (768, 1024))
+        assert up.explicit and up.kernel is None
+    finally:
+        pp.native_is_exact.cache_clear()

@@ -1,0 +1,109 @@
+"""The exact postprocess's fused window steps (``window_kernel.c``), compiled for this CPU.
+
+Why compiled here rather than shipped: the kernel is a page of C with no Python API, built with
+the system's C compiler for the CPU it runs on (``-march=native``) in a fraction of a second, once
+per process, into a temporary directory that is removed at once (nothing to cache, invalidate or
+keep writable under a hardened service). Where no compiler is found or the build fails, the
+postprocess keeps its ATen path, which gives the same bits more slowly; :func:`kernel` says which.
+Before first use :func:`dicom_node.model.postprocess.native_is_exact` compares the two on random
+inputs, so a compiler that rounds differently is caught rather than trusted.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("window_kernel.c")
+# -ffp-contract=off: the compiler may not fuse a product and a sum on its own (the C writes each
+# fma out, as ATen computes it); no -ffast-math, which would reorder and drop NaN semantics.
+CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC")
+DISABLE_ENV = "DICOM_NODE_NO_WINDOW_KERNEL"  # set (non-empty) to keep the ATen path
+
+
+def _pointer(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+@dataclass(frozen=True)
+class WindowKernel:
+    """The two entry points of ``window_kernel.c`` over torch tensors (pointers, no copies).
+
+    ctypes releases the GIL during each call, so the postprocess's query threads run them at once.
+    """
+
+    library: ctypes.CDLL
+
+    def window_logits(self, src: torch.Tensor, cols: tuple[torch.Tensor, ...], rows: tuple[torch.Tensor, ...],
+                      scratch: torch.Tensor, out: torch.Tensor) -> tuple[int, int]:
+        """Thresholded photo-size logits of a window into ``out``; (positives, NaNs).
+
+        ``src`` (h, w) contiguous float32; ``cols`` and ``rows`` the taps (i0, i1, w0, w1) as
+        contiguous int64/float32 tensors, rows as absolute source rows; ``scratch`` two rows of the
+        window's width; ``out`` (rows, cols) contiguous.
+        """
+        n_rows, n_cols = out.shape
+        for t in (src, scratch, out, *cols, *rows):
+            if not t.is_contiguous():
+                raise ValueError("window kernel: tensors must be contiguous")
+        if scratch.numel() < 2 * n_cols or cols[0].numel() != n_cols or rows[0].numel() != n_rows:
+            raise ValueError("window kernel: shapes do not match")
+        nans = ctypes.c_int64(0)
+        positives = self.library.window_logits(
+            _pointer(src), src.shape[1], *(_pointer(t) for t in cols), n_cols,
+            *(_pointer(t) for t in rows), n_rows, _pointer(scratch), _pointer(out), ctypes.byref(nans))
+        return int(positives), int(nans.value)
+
+    def paint_max(self, sig: torch.Tensor, best: torch.Tensor, key: float) -> None:
+        """``best = max(best, key)`` where ``sig > 0``; ``best`` a (rows, cols) view with unit column stride."""
+        if not sig.is_contiguous() or best.stride(1) != 1 or sig.shape != best.shape:
+            raise ValueError("window kernel: paint needs a contiguous mask and a row-major window")
+        self.library.paint_max(_pointer(sig), sig.shape[0], sig.shape[1], _pointer(best), best.stride(0),
+                               ctypes.c_float(key))
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def kernel() -> WindowKernel | None:
+    """The compiled kernel, or None (no compiler, a failed build, or disabled by ``DISABLE_ENV``)."""
+    if os.environ.get(DISABLE_ENV):
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        log.warning("event=postprocess.kernel status=unavailable reason=%s",
+                    "no C compiler (cc/gcc); the exact postprocess keeps its slower ATen path")
+        return None
+    with tempfile.TemporaryDirectory(prefix="dicom-node-kernel-") as tmp:
+        library_path = Path(tmp) / "window_kernel.so"
+        try:
+            subprocess.run([compiler, *CFLAGS, "-o", str(library_path), str(SOURCE), "-lm"],
+                           check=True, capture_output=True, timeout=120)
+            library = ctypes.CDLL(str(library_path))  # mapped: the file may go with the directory
+        except (OSError, subprocess.SubprocessError) as exc:
+            detail = getattr(exc, "stderr", b"") or b""
+            log.warning("event=postprocess.kernel status=unavailable reason=%r detail=%r", str(exc),
+                        detail.decode(errors="replace")[-300:])
+            return None
+    p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    library.window_logits.restype = i64
+    library.window_logits.argtypes = [p, i64, p, p, p, p, i64, p, p, p, p, i64, p, p, ctypes.POINTER(i64)]
+    library.paint_max.restype = None
+    library.paint_max.argtypes = [p, i64, i64, p, i64, f32]
+    return WindowKernel(library)
