@@ -296,11 +296,11 @@ def test_queries_in_parallel_give_the_sequential_bits(bench, two_threads, monkey
 def test_an_error_inside_a_worker_restores_the_thread_count(bench, two_threads, monkeypatch) -> None:
     from dicom_node.model import postprocess as pp
 
-    def broken(self, flat):
+    def broken(self, resized, win, buffers):
         assert torch.get_num_threads() == 1  # inside a worker
         raise MemoryError("no room for the window")
 
-    monkeypatch.setattr(pp.Reductions, "sigmoid_", broken)  # both the kernel's path and ATen's call it
+    monkeypatch.setattr(pp._Pass, "_mask_score", broken)
     with pytest.raises(MemoryError):
         bench.run(pp.postprocess, bench.synthetic_inputs("1024x768", seed=3))
     assert torch.get_num_threads() == 2
@@ -328,12 +328,26 @@ def test_the_window_kernel_is_built_here_and_checked_exact() -> None:
     assert pp.native_is_exact()
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("path", ["banded", "fused"])
 @pytest.mark.parametrize("size", ["1024x768", "4000x3000"])
-def test_the_window_kernel_gives_the_aten_paths_bits(bench, request, size) -> None:
-    """Kernel on (the default here) and off: the same kept instances, masks and label map."""
+def test_the_window_kernel_gives_the_aten_paths_bits(bench, request, monkeypatch, size, path, threads) -> None:
+    """Kernel on, banded (the default here) or whole-window, and off: the same kept instances,
+    masks and label map, with one intra-op thread and with two (queries in parallel)."""
+    from dicom_node.model import postprocess as pp
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    request.addfinalizer(lambda: torch.set_num_threads(before))
     inp = bench.synthetic_inputs(size, seed=21)
+    if path == "fused":
+        monkeypatch.setattr(pp, "banded_is_exact", lambda threads, emulate: False)
+    paths: list[str] = []
+    real = pp._Pass._mask_score
+    monkeypatch.setattr(pp._Pass, "_mask_score", lambda self, *a: (lambda r: paths.append(r[2]) or r)(real(self, *a)))
     fused = bench.run(postprocess, inp)
     assert fused.upsampler.kernel is not None
+    assert paths and set(paths) == {path}
     request.getfixturevalue("aten_path")
     aten = bench.run(postprocess, inp)
     assert aten.upsampler.kernel is None
@@ -413,3 +427,65 @@ def test_a_kernel_that_rounds_otherwise_is_refused(monkeypatch) -> None:
         assert up.explicit and up.kernel is None
     finally:
         pp.native_is_exact.cache_clear()
+
+
+def test_the_kernels_cascade_is_atens_sum_bit_for_bit() -> None:
+    """The banded score rests on this: the kernel's emulation of ATen's one-thread sum, fed in
+    pieces of any length, equals torch.sum on one thread, at sizes around every level of its
+    cascade; a plain float32 running sum does not (so the comparison can fail)."""
+    from dicom_node.model import window_kernel
+
+    kern = window_kernel.kernel()
+    assert kern is not None
+    gen = torch.Generator().manual_seed(17)
+    state = kern.new_sum()
+    running_differs = 0
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sizes = [1, 7, 8, 9, 31, 32, 33, 100, 511, 512, 513, 4097, 32 * 16 * 16 + 5, 65_536 + 13, 1 << 20,
+                 3_000_017, 12_000_039, 17_000_001]
+        for n in sizes + torch.randint(1, 5_000_000, (12,), generator=gen).tolist():
+            x = torch.rand(n, generator=gen)
+            x[torch.rand(n, generator=gen) < 0.4] = 0
+            want = float(x.sum())
+            for piece in (n, 4096, 1000, 262_144 + 32):
+                kern.start_sum(state, n)
+                for f in range(0, n, piece):
+                    kern.feed_sum(state, x[f:f + piece])
+                assert kern.finish_sum(state) == want, (n, piece)
+            running_differs += float(np.cumsum(x.numpy(), dtype=np.float32)[-1]) != want
+        kern.start_sum(state, 100)
+        kern.feed_sum(state, x[:99])
+        assert math.isnan(kern.finish_sum(state))  # fewer elements than announced: no sum
+    finally:
+        torch.set_num_threads(before)
+    assert running_differs > 10
+
+
+def test_the_banded_check_catches_a_wrong_slice_or_sum(monkeypatch) -> None:
+    """banded_is_exact can fail: slices that do not start a multiple of the vector loop's step after
+    their chunk (the sigmoid's scalar tail moves), or a plain running sum instead of ATen's."""
+    from dicom_node.model import postprocess as pp
+    from dicom_node.model import window_kernel
+
+    pp.banded_is_exact.cache_clear()
+    try:
+        assert pp.banded_is_exact(1, False)
+        pp.banded_is_exact.cache_clear()
+        monkeypatch.setattr(pp, "BAND", (1 << 18) + 8)
+        assert not pp.banded_is_exact(1, False)
+        monkeypatch.undo()
+        pp.banded_is_exact.cache_clear()
+        sums: dict[int, np.float32] = {}
+
+        def running(self, state, piece):
+            sums[id(state)] = np.float32(sums.get(id(state), np.float32(0)) + piece.numpy().sum(dtype=np.float32))
+
+        monkeypatch.setattr(window_kernel.WindowKernel, "start_sum", lambda self, state, n: sums.pop(id(state), None))
+        monkeypatch.setattr(window_kernel.WindowKernel, "feed_sum", running)
+        monkeypatch.setattr(window_kernel.WindowKernel, "finish_sum", lambda self, state: float(sums[id(state)]))
+        assert not pp.banded_is_exact(1, False)
+        assert not pp.banded_is_exact(2, False)  # threads without the emulation: never
+    finally:
+        pp.banded_is_exact.cache_clear()

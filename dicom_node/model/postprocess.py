@@ -25,13 +25,16 @@ The official code upsamples all 100 query masks to the photo's size (300 MB at 1
   replaced by the class), one ``maximum`` per part instead of a compare-and-paint, read back
   with one bit mask at the end; part masks are recomputed on demand from the 14 MB of stride-4
   logits (``LazyMask``);
-* where a C compiler is present, one fused pass (:mod:`dicom_node.model.window_kernel`) computes
-  a window's logits (width pass, height pass, the same roundings), thresholds them and counts
-  the positives, and another paints the running maximum: each ATen pass streams the whole
-  window through memory (~1.5-7 ms per 48 MB window here), and the kernel replaces six of them
-  (measured per 12 MP query, one thread, Zen 4: 26.8 -> ~17 ms). The sigmoid and the sum stay
-  ATen's, on the same buffer. The kernel is checked against the ATen path at first use
-  (:func:`native_is_exact`); without a compiler, or where it differs, the ATen path runs;
+* where a C compiler is present, a kernel (:mod:`dicom_node.model.window_kernel`) computes a
+  window's logits (width pass, height pass, the same roundings), thresholds them and counts the
+  positives in one pass, and paints the running maximum in another: each ATen pass streams the
+  whole window through memory (~1.5-7 ms per 48 MB window here), and the kernel replaces six of
+  them. By default it works in 1 MB slices (:data:`BAND`): ATen's sigmoid runs on each slice,
+  and the kernel adds the slices up in the order of ATen's one-thread sum
+  (:func:`_banded_sigmoid_sum`), so no window-sized float buffer exists (48 MB per worker at
+  12 MP, and with it the heap's creep from photo to photo). Each step is checked against the
+  ATen path at first use (:func:`native_is_exact`, :func:`banded_is_exact`); without a compiler,
+  or where a check fails, the whole-window kernel or the ATen path runs, with the same bits;
 * with several intra-op threads, queries are worked on that many at a time, each on one
   thread (:func:`_run_pass`), the sigmoid and the sum computed chunk by chunk as the threads
   would have split them (:class:`Reductions`), so the bits do not depend on it.
@@ -44,7 +47,7 @@ import functools
 import math
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -383,6 +386,31 @@ class MaskUpsampler:
         return self.kernel.window_logits(resized.contiguous(), (ox.i0, ox.i1, ox.w0, ox.w1),
                                          (oy.i0, oy.i1, oy.w0, oy.w1), scratch.view(-1), out)
 
+    def banded_window(self, resized: torch.Tensor, window: tuple[slice, slice], buffers: _Buffers,
+                      reductions: Reductions) -> tuple[int, float, torch.Tensor] | None:
+        """(positive count, sum of the sigmoid over the window, the window's 0/1 bytes) by the
+        kernel's banded path (:func:`_banded_sigmoid_sum`); None where the kernel does not apply or
+        a logit is NaN."""
+        kern = self.kernel
+        if kern is None:
+            return None
+        rows, cols = window
+        oy, ox = self._oy.part(rows), self._ox.part(cols)
+        shape = (rows.stop - rows.start, cols.stop - cols.start)
+        n = shape[0] * shape[1]
+        src, positive, scratch = resized.contiguous(), buffers.positive(shape), buffers.get(1, (2, shape[1]))
+        col_taps, row_taps = (ox.i0, ox.i1, ox.w0, ox.w1), (oy.i0, oy.i1, oy.w0, oy.w1)
+        counts = [0, 0]
+
+        def fill(f0: int, f1: int, piece: torch.Tensor) -> None:
+            found, nans = kern.window_band(src, col_taps, row_taps, (f0, f1), scratch, piece, positive.view(-1))
+            counts[0] += found
+            counts[1] += nans
+
+        chunks = thread_chunks(n, reductions.threads) if reductions.emulate else [(0, n)]
+        total = _banded_sigmoid_sum(kern, buffers.sum_state(kern), chunks, buffers.band(), fill)
+        return None if counts[1] else (counts[0], total, positive)
+
     def _window_logits_interpolate(self, resized: torch.Tensor, window: tuple[slice, slice]) -> torch.Tensor:
         """:meth:`window_logits` by F.interpolate: PyTorch's bilinear kernel interpolates along the
         width, then combines two such rows along the height, so a width-only resize followed by a
@@ -556,6 +584,74 @@ def one_intra_op_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+BAND = 1 << 18  # window elements held at once on the banded path: 1 MB of float32, about one core's L2
+
+
+def _banded_sigmoid_sum(kern: window_kernel.WindowKernel, state: object, chunks: list[tuple[int, int]],
+                        band: torch.Tensor, fill: Callable[[int, int, torch.Tensor], None],
+                        keep: Callable[[int, int, torch.Tensor], object] | None = None) -> float:
+    """sum(sigmoid(x)) over a window that ``fill(f0, f1, piece)`` writes slice by slice, with the
+    bits of :class:`Reductions` over the whole window: each thread chunk's sum is ATen's one-thread
+    cascade, fed in order by the kernel; each slice's sigmoid is ATen's, the slices starting a
+    multiple of ``BAND`` (a multiple of any vector loop's step) after their chunk's start, so that
+    every element takes the vector body or the scalar tail it takes in the chunk-long call."""
+    total: np.float32 | None = None
+    for start, stop in chunks:
+        kern.start_sum(state, stop - start)  # type: ignore[arg-type]
+        for f0 in range(start, stop, BAND):
+            f1 = min(stop, f0 + BAND)
+            piece = band[:f1 - f0]
+            fill(f0, f1, piece)
+            piece.sigmoid_()
+            kern.feed_sum(state, piece)  # type: ignore[arg-type]
+            if keep is not None:
+                keep(f0, f1, piece)
+        part = np.float32(kern.finish_sum(state))  # type: ignore[arg-type]
+        total = part if total is None else np.float32(total + part)  # in thread order, as Reductions.sum
+    return float(total) if total is not None else 0.0
+
+
+def _copy_from(src: torch.Tensor, f0: int, f1: int, piece: torch.Tensor) -> None:
+    piece.copy_(src[f0:f1])
+
+
+def _copy_to(dst: torch.Tensor, f0: int, f1: int, piece: torch.Tensor) -> None:
+    dst[f0:f1].copy_(piece)
+
+
+@functools.lru_cache(maxsize=8)
+def banded_is_exact(threads: int, emulate: bool) -> bool:
+    """Whether :func:`_banded_sigmoid_sum` gives :class:`Reductions` ``(threads, emulate)``'s sigmoid
+    and sum bit for bit: every element and the sum, at sizes around the thread chunks' and the
+    slices' boundaries, on inputs whose sigmoid depends on the loop that computes it. Without the
+    emulation only one thread can be reproduced (ATen would split the sum among the threads)."""
+    kern = window_kernel.kernel()
+    if kern is None or (threads > 1 and not emulate):
+        return False
+    generator = torch.Generator().manual_seed(20261206)
+    differs = _scalar_sigmoid_differs(generator)
+    if differs.numel() == 0:
+        return False
+    reductions = Reductions(threads, emulate)
+    state, band = kern.new_sum(), torch.empty(BAND)
+    sizes = [1, 31, 33, ATEN_GRAIN_SIZE + 1, 2 * ATEN_GRAIN_SIZE + 31, BAND - 1, BAND + 33, 3 * BAND + 7,
+             1_000_003, 3_000_017, 12_000_039]
+    with one_intra_op_thread():  # as the banded path runs: in a worker, or with one thread in all
+        for n in sizes:
+            x = differs.repeat(n // differs.numel() + 1)[:n].clone()
+            x[::7] = float("-inf")
+            x[3::11] = torch.rand(x[3::11].shape, generator=generator) * 0.01  # small positives
+            want = x.clone()
+            want_sum = reductions.sum(reductions.sigmoid_(want))
+            got = torch.empty(n)
+            chunks = thread_chunks(n, threads) if emulate else [(0, n)]
+            got_sum = _banded_sigmoid_sum(kern, state, chunks, band, functools.partial(_copy_from, x),
+                                          functools.partial(_copy_to, got))
+            if not torch.equal(got, want) or np.float32(got_sum).tobytes() != np.float32(want_sum).tobytes():
+                return False
+    return True
+
+
 def mask_score_in_place(logits: torch.Tensor, reductions: Reductions | None = None) -> tuple[float, torch.Tensor]:
     """The official mask score, sum(sigmoid(x) * (x > 0)) / (count(x > 0) + 1e-6), over a window.
 
@@ -587,10 +683,30 @@ def label_key(score: float, class_id: int) -> float:
 
 
 class _Buffers:
-    """Two flat float32 work buffers, grown to the largest window seen, viewed at each window's shape."""
+    """One worker's buffers: two flat float32 ones and one of bytes, grown to the largest window
+    seen and viewed at each window's shape; the banded path's slice and sum state."""
 
     def __init__(self) -> None:
         self._flat = [torch.empty(0), torch.empty(0)]
+        self._bytes = torch.empty(0, dtype=torch.uint8)
+        self._band: torch.Tensor | None = None
+        self._sum_state: object = None
+
+    def positive(self, shape: tuple[int, int]) -> torch.Tensor:
+        n = shape[0] * shape[1]
+        if self._bytes.numel() < n:
+            self._bytes = torch.empty(n, dtype=torch.uint8)
+        return self._bytes[:n].view(shape)
+
+    def band(self) -> torch.Tensor:
+        if self._band is None:
+            self._band = torch.empty(BAND)
+        return self._band
+
+    def sum_state(self, kern: window_kernel.WindowKernel) -> object:
+        if self._sum_state is None:
+            self._sum_state = kern.new_sum()
+        return self._sum_state
 
     def get(self, i: int, shape: tuple[int, int]) -> torch.Tensor:
         n = shape[0] * shape[1]
@@ -646,6 +762,38 @@ class _Pass:
     best_key: torch.Tensor  # the label map's running maximum of keys
     reductions: Reductions
     paint_lock: contextlib.AbstractContextManager
+    banded: bool = False  # the kernel's banded path (checked by banded_is_exact for these reductions)
+
+    def _mask_score(self, resized: torch.Tensor, win: tuple[slice, slice],
+                    buffers: _Buffers) -> tuple[float, torch.Tensor, str]:
+        """The query's mask score over its window, a tensor of the window's shape that is 0 exactly
+        where the photo-size logit is <= 0, and the path that computed them:
+
+        * "banded": the kernel computes the window slice by slice in cache, ATen's sigmoid runs on
+          each slice and the kernel adds them as ATen's sum would (:func:`_banded_sigmoid_sum`);
+          the mask is 0/1 bytes. No window-sized float buffer: 48 MB less per worker at 12 MP;
+        * "fused": the kernel writes the thresholded window, ATen's sigmoid and sum run on it;
+        * "aten": no kernel, or NaN logits (the ATen path decides what those give).
+        """
+        up = self.up
+        rows, cols = win
+        shape = (rows.stop - rows.start, cols.stop - cols.start)
+        if self.banded:
+            banded = up.banded_window(resized, win, buffers, self.reductions)
+            if banded is not None:
+                positives, total, mask = banded
+                return total / (positives + 1e-6), mask, "banded"
+        fused = up.thresholded_window(resized, win, buffers.get(0, shape), buffers.get(1, (2, shape[1])))
+        if fused is not None and fused[1] == 0:
+            sig = buffers.get(0, shape)
+            total = self.reductions.sum(self.reductions.sigmoid_(sig.view(-1)))
+            return total / (fused[0] + 1e-6), sig, "fused"
+        scratch = buffers.get(1, shape) if up.row_pass_needs_scratch else None
+        logits = up.window_logits(resized, win, out=buffers.get(0, shape), scratch=scratch)
+        if not logits.is_contiguous() or logits.data_ptr() != buffers.get(0, shape).data_ptr():
+            logits = buffers.get(0, shape).copy_(logits)  # F.interpolate fallback: own tensor
+        mask_score, ones = mask_score_in_place(logits, self.reductions)
+        return mask_score, ones, "aten"
 
     def run(self, queries: list[int], buffers: _Buffers) -> list[tuple[int, _QueryResult]]:
         up, found = self.up, []
@@ -655,21 +803,7 @@ class _Pass:
             if win is None:
                 continue  # no positive pixel: mask score 0, never kept
             rows, cols = win
-            shape = (rows.stop - rows.start, cols.stop - cols.start)
-            fused = up.thresholded_window(resized, win, buffers.get(0, shape), buffers.get(1, (2, shape[1])))
-            if fused is not None and fused[1] == 0:
-                # the kernel wrote the thresholded logits and counted the positives: ATen's
-                # sigmoid and sum remain, on the same buffer as below
-                ones = buffers.get(0, shape)
-                total = self.reductions.sum(self.reductions.sigmoid_(ones.view(-1)))
-                mask_score = total / (fused[0] + 1e-6)
-            else:  # no kernel, or NaN logits: the ATen path decides what they give
-                scratch = buffers.get(1, shape) if up.row_pass_needs_scratch else None
-                logits = up.window_logits(resized, win, out=buffers.get(0, shape), scratch=scratch)
-                if not logits.is_contiguous() or logits.data_ptr() != buffers.get(0, shape).data_ptr():
-                    logits = buffers.get(0, shape).copy_(logits)  # F.interpolate fallback: own tensor
-                mask_score, ones = mask_score_in_place(logits, self.reductions)
-                fused = None
+            mask_score, ones, path = self._mask_score(resized, win, buffers)
             result = _QueryResult()
             for cand in self.by_query[q]:
                 score = cand.class_prob * mask_score
@@ -691,7 +825,9 @@ class _Pass:
                 key = max(key for _, key in result.parts)
                 with self.paint_lock:  # a maximum is order-free, but two at once would race
                     win_best = self.best_key[rows, cols]  # a view: writing it writes the map
-                    if fused is not None and up.kernel is not None:
+                    if path == "banded" and up.kernel is not None:
+                        up.kernel.paint_max_bytes(ones, win_best, key)
+                    elif path == "fused" and up.kernel is not None:
                         up.kernel.paint_max(ones, win_best, key)
                     else:
                         torch.maximum(win_best, ones.mul_(key), out=win_best)
@@ -755,6 +891,7 @@ def postprocess(pred_logits: torch.Tensor, pred_masks: torch.Tensor, padded_hw: 
     threads = torch.get_num_threads()
     parallel = reductions_reproducible(threads)
     reductions = Reductions(threads, emulate=parallel)
+    banded = up.kernel is not None and banded_is_exact(threads, parallel)
     lock: contextlib.AbstractContextManager = threading.Lock() if parallel else contextlib.nullcontext()
     humans: list[KeptInstance] = []
     human_masks: list[np.ndarray] = []
@@ -763,7 +900,7 @@ def postprocess(pred_logits: torch.Tensor, pred_masks: torch.Tensor, padded_hw: 
     bucket_parts: dict[int, list[int]] = {}  # key bucket -> indices into parts
     keys_exact = human_class <= 1 << CLASS_BITS
     for is_human_pass, by_query in _passes(candidates, human_class):
-        work = _Pass(up, by_query, is_human_pass, human_flags, best_key, reductions, lock)
+        work = _Pass(up, by_query, is_human_pass, human_flags, best_key, reductions, lock, banded)
         for result in _run_pass(work, parallel):
             for person, mask, flags in result.humans:
                 humans.append(person)

@@ -38,7 +38,7 @@ def _pointer(t: torch.Tensor) -> ctypes.c_void_p:
 
 @dataclass(frozen=True)
 class WindowKernel:
-    """The two entry points of ``window_kernel.c`` over torch tensors (pointers, no copies).
+    """The entry points of ``window_kernel.c`` over torch tensors (pointers, no copies).
 
     ctypes releases the GIL during each call, so the postprocess's query threads run them at once.
     """
@@ -64,6 +64,51 @@ class WindowKernel:
             _pointer(src), src.shape[1], *(_pointer(t) for t in cols), n_cols,
             *(_pointer(t) for t in rows), n_rows, _pointer(scratch), _pointer(out), ctypes.byref(nans))
         return int(positives), int(nans.value)
+
+    def window_band(self, src: torch.Tensor, cols: tuple[torch.Tensor, ...], rows: tuple[torch.Tensor, ...],
+                    span: tuple[int, int], scratch: torch.Tensor, out: torch.Tensor,
+                    positive: torch.Tensor) -> tuple[int, int]:
+        """Elements ``span`` = [f0, f1) of the row-major window into ``out`` (length f1 - f0) and their
+        0/1 bytes (logit > 0) into ``positive`` at the same positions (the whole window's bytes);
+        (positives, NaNs). Arguments otherwise as :meth:`window_logits`; ``rows`` covers the window."""
+        f0, f1 = span
+        n_cols = cols[0].numel()
+        for t in (src, scratch, out, positive, *cols, *rows):
+            if not t.is_contiguous():
+                raise ValueError("window kernel: tensors must be contiguous")
+        if (scratch.numel() < 2 * n_cols or out.numel() < f1 - f0 or positive.dtype != torch.uint8
+                or not 0 <= f0 <= f1 <= min(positive.numel(), rows[0].numel() * n_cols)):
+            raise ValueError("window kernel: shapes do not match")
+        nans = ctypes.c_int64(0)
+        positives = self.library.window_band(
+            _pointer(src), src.shape[1], *(_pointer(t) for t in cols), n_cols, *(_pointer(t) for t in rows),
+            f0, f1, _pointer(scratch), _pointer(out), ctypes.c_void_p(positive.data_ptr() + f0), ctypes.byref(nans))
+        return int(positives), int(nans.value)
+
+    def new_sum(self) -> ctypes.Array[ctypes.c_char]:
+        """A state for :meth:`start_sum` / :meth:`feed_sum` / :meth:`finish_sum` (one per thread)."""
+        return ctypes.create_string_buffer(int(self.library.cascade_state_bytes()))
+
+    def start_sum(self, state: ctypes.Array[ctypes.c_char], n: int) -> None:
+        """Begin ATen's one-thread sum of ``n`` float32 elements, fed in order in pieces."""
+        self.library.cascade_start(state, n)
+
+    def feed_sum(self, state: ctypes.Array[ctypes.c_char], piece: torch.Tensor) -> None:
+        if not piece.is_contiguous() or piece.dtype != torch.float32:
+            raise ValueError("window kernel: a sum is fed contiguous float32")
+        self.library.cascade_feed(state, _pointer(piece), piece.numel())
+
+    def finish_sum(self, state: ctypes.Array[ctypes.c_char]) -> float:
+        """The float32 sum (NaN when the pieces did not add up to ``n``)."""
+        return float(self.library.cascade_finish(state))
+
+    def paint_max_bytes(self, positive: torch.Tensor, best: torch.Tensor, key: float) -> None:
+        """:meth:`paint_max` with the 0/1 bytes of :meth:`window_band` as the mask."""
+        if not positive.is_contiguous() or positive.dtype != torch.uint8 or best.stride(1) != 1 \
+                or positive.shape != best.shape:
+            raise ValueError("window kernel: paint needs a contiguous mask and a row-major window")
+        self.library.paint_max_bytes(_pointer(positive), positive.shape[0], positive.shape[1], _pointer(best),
+                                     best.stride(0), ctypes.c_float(key))
 
     def paint_max(self, sig: torch.Tensor, best: torch.Tensor, key: float) -> None:
         """``best = max(best, key)`` where ``sig > 0``; ``best`` a (rows, cols) view with unit column stride."""
@@ -101,9 +146,26 @@ def kernel() -> WindowKernel | None:
             log.warning("event=postprocess.kernel status=unavailable reason=%r detail=%r", str(exc),
                         detail.decode(errors="replace")[-300:])
             return None
+    return bind(library)
+
+
+def bind(library: ctypes.CDLL) -> WindowKernel:
+    """The entry points' C signatures on a loaded ``window_kernel.c`` library."""
     p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     library.window_logits.restype = i64
     library.window_logits.argtypes = [p, i64, p, p, p, p, i64, p, p, p, p, i64, p, p, ctypes.POINTER(i64)]
     library.paint_max.restype = None
     library.paint_max.argtypes = [p, i64, i64, p, i64, f32]
+    library.window_band.restype = i64
+    library.window_band.argtypes = [p, i64, p, p, p, p, i64, p, p, p, p, i64, i64, p, p, p, ctypes.POINTER(i64)]
+    library.cascade_state_bytes.restype = i64
+    library.cascade_state_bytes.argtypes = []
+    library.cascade_start.restype = None
+    library.cascade_start.argtypes = [p, i64]
+    library.cascade_feed.restype = None
+    library.cascade_feed.argtypes = [p, p, i64]
+    library.cascade_finish.restype = f32
+    library.cascade_finish.argtypes = [p]
+    library.paint_max_bytes.restype = None
+    library.paint_max_bytes.argtypes = [p, i64, i64, p, i64, f32]
     return WindowKernel(library)
