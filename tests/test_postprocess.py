@@ -329,19 +329,19 @@ def test_the_window_kernel_is_built_here_and_checked_exact() -> None:
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("path", ["banded", "fused"])
+@pytest.mark.parametrize("path", ["scored", "banded"])
 @pytest.mark.parametrize("size", ["1024x768", "4000x3000"])
 def test_the_window_kernel_gives_the_aten_paths_bits(bench, request, monkeypatch, size, path, threads) -> None:
-    """Kernel on, banded (the default here) or whole-window, and off: the same kept instances,
-    masks and label map, with one intra-op thread and with two (queries in parallel)."""
+    """Kernel on, in one pass (the default here) or in slices with ATen's sigmoid, and off: the same
+    kept instances, masks and label map, with one intra-op thread and with two (queries in parallel)."""
     from dicom_node.model import postprocess as pp
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     request.addfinalizer(lambda: torch.set_num_threads(before))
     inp = bench.synthetic_inputs(size, seed=21)
-    if path == "fused":
-        monkeypatch.setattr(pp, "banded_is_exact", lambda threads, emulate: False)
+    if path == "banded":
+        monkeypatch.setattr(pp, "scored_is_exact", lambda threads, emulate: False)
     paths: list[str] = []
     real = pp._Pass._mask_score
     monkeypatch.setattr(pp._Pass, "_mask_score", lambda self, *a: (lambda r: paths.append(r[2]) or r)(real(self, *a)))
@@ -355,35 +355,44 @@ def test_the_window_kernel_gives_the_aten_paths_bits(bench, request, monkeypatch
     bench.assert_identical(aten, fused, check_part_masks=size != "4000x3000")
 
 
-def test_one_window_from_the_kernel_equals_the_aten_window(bench) -> None:
-    """At 12 MP: thresholded logits and positive count of a large and a small window, bit for bit."""
-    from dicom_node.model.postprocess import MaskUpsampler
+@pytest.mark.parametrize("threads,emulate", [(1, False), (2, True)])
+def test_one_window_from_the_kernel_equals_the_aten_window(bench, threads, emulate) -> None:
+    """At 12 MP, three windows: positive count, 0/1 bytes and the sigmoid's sum from both kernel
+    paths equal the ATen path's (window_logits, threshold, Reductions), bit for bit."""
+    from dicom_node.model.postprocess import MaskUpsampler, Reductions, _Buffers, one_intra_op_thread
 
     inp = bench.synthetic_inputs("4000x3000", seed=4)
     up = MaskUpsampler(inp["pred_masks"], inp["padded_hw"], inp["resized_hw"], inp["original_hw"])
     assert up.kernel is not None
+    reductions = Reductions(threads, emulate)
     checked = 0
-    for q in range(inp["pred_masks"].shape[0]):
-        resized = up.resized([q])[0]
-        win = up.window(resized > 0)
-        if win is None:
-            continue
-        want = up.window_logits(resized, win).clone()
-        F.threshold(want, 0.0, float("-inf"), inplace=True)
-        got = torch.full(want.shape, 7.0)
-        fused = up.thresholded_window(resized, win, got, torch.empty(2, want.shape[1]))
-        assert fused == (int((want > 0).sum()), 0)
-        assert torch.equal(got, want)
-        checked += 1
-        if checked == 3:
-            break
+    with one_intra_op_thread():
+        for q in range(inp["pred_masks"].shape[0]):
+            resized = up.resized([q])[0]
+            win = up.window(resized > 0)
+            if win is None:
+                continue
+            logits = up.window_logits(resized, win).contiguous()
+            positive = logits > 0
+            F.threshold(logits, 0.0, float("-inf"), inplace=True)
+            want_sum = reductions.sum(reductions.sigmoid_(logits.view(-1)))
+            for found in (up.scored_window(resized, win, _Buffers(), reductions),
+                          up.banded_window(resized, win, _Buffers(), reductions)):
+                assert found is not None
+                count, total, mask = found
+                assert count == int(positive.sum())
+                assert np.float32(total).tobytes() == np.float32(want_sum).tobytes()
+                assert torch.equal(mask.bool(), positive)
+            checked += 1
+            if checked == 3:
+                break
     assert checked == 3
 
 
 def test_nan_logits_take_the_aten_path_and_give_what_it_gives(bench, request, monkeypatch) -> None:
     """A network that returns NaN inside a drawn window: the kernel reports it and the ATen path
     decides, as it did before the kernel (the NaN count reaches int(): an error the worker reports)."""
-    from dicom_node.model.postprocess import MaskUpsampler
+    from dicom_node.model import window_kernel
 
     inp = bench.synthetic_inputs("1024x768", seed=8)
     masks = inp["pred_masks"].clone()
@@ -393,12 +402,12 @@ def test_nan_logits_take_the_aten_path_and_give_what_it_gives(bench, request, mo
     masks[q, y, x] = float("nan")  # inside the window of a query that is drawn
     inp = {**inp, "pred_masks": masks}
     seen = []
-    real = MaskUpsampler.thresholded_window
-    monkeypatch.setattr(MaskUpsampler, "thresholded_window",
+    real = window_kernel.WindowKernel.window_score
+    monkeypatch.setattr(window_kernel.WindowKernel, "window_score",
                         lambda self, *a: seen.append(real(self, *a)) or seen[-1])
     with pytest.raises(ValueError, match="NaN") as fused:
         bench.run(postprocess, inp)
-    assert any(r is not None and r[1] > 0 for r in seen)  # the kernel met the NaN and handed over
+    assert any(nans > 0 for _, nans, _ in seen)  # the kernel met the NaN and handed over
     request.getfixturevalue("aten_path")
     with pytest.raises(ValueError, match="NaN") as aten:
         bench.run(postprocess, inp)
@@ -415,18 +424,21 @@ def test_a_kernel_that_rounds_otherwise_is_refused(monkeypatch) -> None:
     assert real is not None
 
     class Swapped(window_kernel.WindowKernel):
-        def window_logits(self, src, cols, rows, scratch, out):
+        def window_band(self, src, cols, rows, span, scratch, out, positive):
             i0, i1, w0, w1 = rows
-            return super().window_logits(src, cols, (i1, i0, w1, w0), scratch, out)
+            return super().window_band(src, cols, (i1, i0, w1, w0), span, scratch, out, positive)
 
     monkeypatch.setattr(window_kernel, "kernel", lambda: Swapped(real.library))
     pp.native_is_exact.cache_clear()
+    pp.scored_is_exact.cache_clear()
     try:
         assert not pp.native_is_exact()
+        assert not pp.scored_is_exact(1, False)
         up = pp.MaskUpsampler(torch.randn(3, 160, 216), (640, 864), (640, 853), (768, 1024))
         assert up.explicit and up.kernel is None
     finally:
         pp.native_is_exact.cache_clear()
+        pp.scored_is_exact.cache_clear()
 
 
 def test_the_kernels_cascade_is_atens_sum_bit_for_bit() -> None:
@@ -455,6 +467,24 @@ def test_the_kernels_cascade_is_atens_sum_bit_for_bit() -> None:
                     kern.feed_sum(state, x[f:f + piece])
                 assert kern.finish_sum(state) == want, (n, piece)
             running_differs += float(np.cumsum(x.numpy(), dtype=np.float32)[-1]) != want
+        zero_pieces = 0
+        for n in (5_000, 1 << 20, 3_000_017):  # runs of zeros fed without reading them
+            x = torch.rand(n, generator=gen)
+            runs = torch.randint(1, 200_000, (n // 1000,), generator=gen).cumsum(0)
+            for a, b in zip(runs[::2].tolist(), runs[1::2].tolist(), strict=False):
+                x[a:b] = 0
+            kern.start_sum(state, n)
+            f = 0
+            while f < n:
+                stop = min(n, f + int(torch.randint(1, 20_000, (1,), generator=gen)))
+                if bool((x[f:stop] == 0).all()):
+                    kern.feed_zeros(state, stop - f)
+                    zero_pieces += 1
+                else:
+                    kern.feed_sum(state, x[f:stop])
+                f = stop
+            assert kern.finish_sum(state) == float(x.sum()), n
+        assert zero_pieces > 10
         kern.start_sum(state, 100)
         kern.feed_sum(state, x[:99])
         assert math.isnan(kern.finish_sum(state))  # fewer elements than announced: no sum
@@ -489,3 +519,42 @@ def test_the_banded_check_catches_a_wrong_slice_or_sum(monkeypatch) -> None:
         assert not pp.banded_is_exact(2, False)  # threads without the emulation: never
     finally:
         pp.banded_is_exact.cache_clear()
+
+
+def test_the_kernels_sigmoid_is_atens_on_positive_floats() -> None:
+    """The one-pass score rests on this: the kernel's copies of ATen's sigmoid (vector body: SLEEF's
+    expf, scalar tail: libm's) equal ATen's, on every 16th positive float below 110 (above, both
+    give 1.0) and on the largest ones; the vector step found is 2 x this build's vector length."""
+    from dicom_node.model import postprocess as pp
+    from dicom_node.model import window_kernel
+
+    kern = window_kernel.kernel()
+    assert kern is not None
+    hi = int(np.float32(110).view(np.int32))
+    with pp.one_intra_op_thread():
+        for start in range(1, hi, 1 << 26):
+            bits = torch.arange(start, min(hi, start + (1 << 26)), 16, dtype=torch.int32)
+            x = bits.view(torch.float32)
+            body = x[:x.numel() // 64 * 64]
+            assert torch.equal(kern.sigmoid(body, vector=True), body.sigmoid())
+            strided = torch.empty(2 * x.numel())[::2].copy_(x)
+            assert torch.equal(kern.sigmoid(x, vector=False), strided.sigmoid())
+        big = torch.tensor([1e30, 3e38, float("inf")] * 22)[:64]
+        assert torch.equal(kern.sigmoid(big, vector=True), big.sigmoid())
+    lanes = {"AVX512": 16, "AVX2": 8}.get(torch.backends.cpu.get_cpu_capability())
+    assert lanes is not None  # the CPUs this project runs on
+    assert pp.sigmoid_vector_step() == 2 * lanes
+
+
+def test_the_sigmoid_check_refuses_a_wrong_formula(monkeypatch) -> None:
+    """sigmoid_vector_step can fail: the scalar formula offered as the vector body is caught."""
+    from dicom_node.model import postprocess as pp
+    from dicom_node.model import window_kernel
+
+    real = window_kernel.WindowKernel.sigmoid
+    monkeypatch.setattr(window_kernel.WindowKernel, "sigmoid", lambda self, x, vector: real(self, x, vector=False))
+    pp.sigmoid_vector_step.cache_clear()
+    try:
+        assert pp.sigmoid_vector_step() is None
+    finally:
+        pp.sigmoid_vector_step.cache_clear()

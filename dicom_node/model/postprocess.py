@@ -25,16 +25,18 @@ The official code upsamples all 100 query masks to the photo's size (300 MB at 1
   replaced by the class), one ``maximum`` per part instead of a compare-and-paint, read back
   with one bit mask at the end; part masks are recomputed on demand from the 14 MB of stride-4
   logits (``LazyMask``);
-* where a C compiler is present, a kernel (:mod:`dicom_node.model.window_kernel`) computes a
-  window's logits (width pass, height pass, the same roundings), thresholds them and counts the
-  positives in one pass, and paints the running maximum in another: each ATen pass streams the
-  whole window through memory (~1.5-7 ms per 48 MB window here), and the kernel replaces six of
-  them. By default it works in 1 MB slices (:data:`BAND`): ATen's sigmoid runs on each slice,
-  and the kernel adds the slices up in the order of ATen's one-thread sum
-  (:func:`_banded_sigmoid_sum`), so no window-sized float buffer exists (48 MB per worker at
-  12 MP, and with it the heap's creep from photo to photo). Each step is checked against the
-  ATen path at first use (:func:`native_is_exact`, :func:`banded_is_exact`); without a compiler,
-  or where a check fails, the whole-window kernel or the ATen path runs, with the same bits;
+* where a C compiler is present, a kernel (:mod:`dicom_node.model.window_kernel`) does a
+  window's whole statistics in one pass over it, row by row in cache: the logits (width pass,
+  height pass, the same roundings), the threshold, the count, ATen's sigmoid (its vector body,
+  SLEEF's expf, and its scalar tail, libm's, each element where ATen would take it) and ATen's
+  one-thread sum (its cascade, chunk by chunk as :class:`Reductions`); then it paints the
+  running maximum. Each ATen pass streamed the whole window through memory (~1.5-7 ms per
+  48 MB window here); no window-sized float buffer exists any more (48 MB per worker at
+  12 MP, and with it the heap's creep from photo to photo). Every part is checked against ATen
+  at first use (:func:`native_is_exact`, :func:`sigmoid_vector_step`, :func:`banded_is_exact`,
+  :func:`scored_is_exact`). Where the sigmoid's copy does not check out, the kernel works in
+  1 MB slices with ATen's own sigmoid (:func:`_banded_sigmoid_sum`); without a compiler, or
+  where the rest does not check out, the ATen path runs: the same bits each way;
 * with several intra-op threads, queries are worked on that many at a time, each on one
   thread (:func:`_run_pass`), the sigmoid and the sum computed chunk by chunk as the threads
   would have split them (:class:`Reductions`), so the bits do not depend on it.
@@ -290,24 +292,104 @@ def native_is_exact() -> bool:
         want = _lerp(_lerp(src[top:int(oy.i1[-1]) + 1], ox, 1), oy.shifted(top), 0)
         F.threshold(want, 0.0, float("-inf"), inplace=True)
         got = torch.empty(want.shape)
-        positives, nans = kern.window_logits(src, (ox.i0, ox.i1, ox.w0, ox.w1), (oy.i0, oy.i1, oy.w0, oy.w1),
-                                             torch.empty(2 * want.shape[1]), got)
-        if not torch.equal(got, want) or positives != int((want > 0).sum()) or nans:
+        positive = torch.empty(want.shape, dtype=torch.uint8)
+        positives, nans = kern.window_band(src, (ox.i0, ox.i1, ox.w0, ox.w1), (oy.i0, oy.i1, oy.w0, oy.w1),
+                                           (0, want.numel()), torch.empty(2 * want.shape[1]), got.view(-1),
+                                           positive.view(-1))
+        if (not torch.equal(got, want) or not torch.equal(positive.bool(), want > 0)
+                or positives != int((want > 0).sum()) or nans):
             return False
-        sig = got.sigmoid()
         best = torch.rand(out_h, out_w + 5, generator=gen) * 0.9
         key = float(torch.rand(1, generator=gen)) + 0.05
         expected = best.clone()
-        torch.maximum(expected[rows, cols], sig.ceil() * key, out=expected[rows, cols])
-        kern.paint_max(sig, best[rows, cols], key)
+        torch.maximum(expected[rows, cols], (want > 0).float() * key, out=expected[rows, cols])
+        kern.paint_max_bytes(positive, best[rows, cols], key)
         if not torch.equal(best, expected):
             return False
     src = torch.randn(8, 8, generator=gen)
     src[3, 4] = float("nan")
     axis = linear_axis(16, 8)
-    _, nans = kern.window_logits(src, (axis.i0, axis.i1, axis.w0, axis.w1), (axis.i0, axis.i1, axis.w0, axis.w1),
-                                 torch.empty(32), torch.empty(16, 16))
+    taps = (axis.i0, axis.i1, axis.w0, axis.w1)
+    _, nans = kern.window_band(src, taps, taps, (0, 256), torch.empty(32), torch.empty(256),
+                               torch.empty(256, dtype=torch.uint8))
     return nans > 0
+
+
+@functools.lru_cache(maxsize=1)
+def sigmoid_vector_step() -> int | None:
+    """How ATen's float32 sigmoid splits a contiguous call of n elements: the vector body on all but
+    the last ``n % step`` (step = 2 x the vector length), which take the scalar loop. Found by trying
+    the candidates on inputs whose sigmoid differs between the two; None where the kernel's copies
+    of the two formulas (:meth:`~dicom_node.model.window_kernel.WindowKernel.sigmoid`) do not give
+    ATen's bits on those inputs and on a sample of every magnitude, or no candidate fits."""
+    kern = window_kernel.kernel()
+    if kern is None:
+        return None
+    generator = torch.Generator().manual_seed(20261207)
+    differs = _scalar_sigmoid_differs(generator)
+    if differs.numel() < 64:
+        return None
+    special = torch.tensor([1e-45, 1e-30, 1e-7, 0.5, 1.0, 15.9, 16.7, 87.3, 88.8, 103.9, 104.1, 1e30,
+                            float("inf"), float("-inf"), 0.0, -0.0, -1.0, -87.0, -104.5])
+    sample = torch.cat([differs, torch.randn(1 << 16, generator=generator) * 8,
+                        torch.rand(1 << 16, generator=generator) * 110, special])
+    body = sample[:sample.numel() // 64 * 64]
+    strided = torch.empty(2 * sample.numel())[::2].copy_(sample)  # a strided view takes the scalar loop
+    with one_intra_op_thread():
+        if (not torch.equal(kern.sigmoid(body, vector=True), body.sigmoid())
+                or not torch.equal(kern.sigmoid(sample, vector=False), strided.sigmoid())):
+            return None
+        for step in (8, 16, 32, 64):
+            fits = True
+            for n in (77, 1016, 1039, 1048):
+                x = differs.repeat(n // differs.numel() + 1)[:n].clone()
+                cut = n - n % step
+                got = torch.cat([kern.sigmoid(x[:cut], vector=True), kern.sigmoid(x[cut:], vector=False)])
+                fits = fits and torch.equal(got, x.sigmoid())
+            if fits:
+                return step
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def scored_is_exact(threads: int, emulate: bool) -> bool:
+    """Whether the kernel's one-pass score (:meth:`MaskUpsampler.scored_window`) gives the ATen
+    path's positives, bytes and sum bit for bit, with :class:`Reductions` ``(threads, emulate)``:
+    its parts are checked first (:func:`native_is_exact`, :func:`banded_is_exact` for the sum,
+    :func:`sigmoid_vector_step` for the sigmoid), then the whole on windows of one and of two
+    thread chunks, each chunk ending in a scalar tail."""
+    kern = window_kernel.kernel()
+    step = sigmoid_vector_step()
+    if kern is None or step is None or not native_is_exact() or not banded_is_exact(threads, emulate):
+        return False
+    gen = torch.Generator().manual_seed(20261208)
+    reductions = Reductions(threads, emulate)
+    state = kern.new_sum()
+    cases = [((37, 53), (150, 211), (slice(3, 149), slice(0, 211))),
+             ((61, 81), (301, 399), (slice(0, 301), slice(0, 399))),
+             ((160, 216), (768, 1024), (slice(100, 700), slice(50, 1000)))]
+    with one_intra_op_thread():
+        for (in_h, in_w), (out_h, out_w), (rows, cols) in cases:
+            src = torch.randn(in_h, in_w, generator=gen) * 6 + 1
+            src[::4, ::3] = -0.0
+            oy, ox = linear_axis(out_h, in_h).part(rows), linear_axis(out_w, in_w).part(cols)
+            top = int(oy.i0[0])
+            logits = _lerp(_lerp(src[top:int(oy.i1[-1]) + 1], ox, 1), oy.shifted(top), 0).contiguous()
+            want_positive = logits > 0
+            want_count = int(want_positive.sum())
+            F.threshold(logits, 0.0, float("-inf"), inplace=True)
+            want_sum = reductions.sum(reductions.sigmoid_(logits.view(-1)))
+            n = logits.numel()
+            chunks = thread_chunks(n, threads) if emulate else [(0, n)]
+            bounds = torch.tensor([0] + [stop for _, stop in chunks], dtype=torch.int64)
+            positive = torch.empty(logits.shape, dtype=torch.uint8)
+            count, nans, total = kern.window_score(src, (ox.i0, ox.i1, ox.w0, ox.w1), (oy.i0, oy.i1, oy.w0, oy.w1),
+                                                   bounds, step, torch.empty(2 * logits.shape[1]),
+                                                   torch.empty(logits.shape[1]), positive, state)
+            if (nans or count != want_count or not torch.equal(positive.bool(), want_positive)
+                    or np.float32(total).tobytes() != np.float32(want_sum).tobytes()):
+                return False
+    return True
 
 
 class MaskUpsampler:
@@ -374,17 +456,25 @@ class MaskUpsampler:
             return _lerp_rows(across, oy.shifted(top), out, self._row_period)
         return _lerp(across, oy.shifted(top), 0, out=out, scratch=scratch)
 
-    def thresholded_window(self, resized: torch.Tensor, window: tuple[slice, slice], out: torch.Tensor,
-                           scratch: torch.Tensor) -> tuple[int, int] | None:
-        """:meth:`window_logits` thresholded as :func:`mask_score_in_place` thresholds it, into ``out``,
-        by the fused kernel: (positive count, NaN count), or None where the kernel does not apply.
-        ``scratch``: at least two rows of the window's width."""
-        if self.kernel is None:
+    def scored_window(self, resized: torch.Tensor, window: tuple[slice, slice], buffers: _Buffers,
+                      reductions: Reductions) -> tuple[int, float, torch.Tensor] | None:
+        """(positive count, sum of the sigmoid over the window, the window's 0/1 bytes) in one pass of
+        the kernel (:func:`scored_is_exact`); None where it does not apply or a logit is NaN."""
+        kern, step = self.kernel, sigmoid_vector_step()
+        if kern is None or step is None:
             return None
         rows, cols = window
         oy, ox = self._oy.part(rows), self._ox.part(cols)
-        return self.kernel.window_logits(resized.contiguous(), (ox.i0, ox.i1, ox.w0, ox.w1),
-                                         (oy.i0, oy.i1, oy.w0, oy.w1), scratch.view(-1), out)
+        shape = (rows.stop - rows.start, cols.stop - cols.start)
+        n = shape[0] * shape[1]
+        chunks = thread_chunks(n, reductions.threads) if reductions.emulate else [(0, n)]
+        bounds = torch.tensor([0] + [stop for _, stop in chunks], dtype=torch.int64)
+        positive = buffers.positive(shape)
+        count, nans, total = kern.window_score(
+            resized.contiguous(), (ox.i0, ox.i1, ox.w0, ox.w1), (oy.i0, oy.i1, oy.w0, oy.w1), bounds, step,
+            buffers.get(1, (2, shape[1])), buffers.get(0, (1, shape[1])), positive,
+            buffers.sum_state(kern))  # type: ignore[arg-type]
+        return None if nans else (count, total, positive)
 
     def banded_window(self, resized: torch.Tensor, window: tuple[slice, slice], buffers: _Buffers,
                       reductions: Reductions) -> tuple[int, float, torch.Tensor] | None:
@@ -762,32 +852,32 @@ class _Pass:
     best_key: torch.Tensor  # the label map's running maximum of keys
     reductions: Reductions
     paint_lock: contextlib.AbstractContextManager
-    banded: bool = False  # the kernel's banded path (checked by banded_is_exact for these reductions)
+    kernel_path: str = ""  # "scored", "banded" or "" (ATen's): what the checks allow for these reductions
 
     def _mask_score(self, resized: torch.Tensor, win: tuple[slice, slice],
                     buffers: _Buffers) -> tuple[float, torch.Tensor, str]:
         """The query's mask score over its window, a tensor of the window's shape that is 0 exactly
         where the photo-size logit is <= 0, and the path that computed them:
 
+        * "scored" (:attr:`kernel_path`): the kernel's one pass, the sigmoid and ATen's sum
+          reproduced in it; the mask is 0/1 bytes;
         * "banded": the kernel computes the window slice by slice in cache, ATen's sigmoid runs on
           each slice and the kernel adds them as ATen's sum would (:func:`_banded_sigmoid_sum`);
-          the mask is 0/1 bytes. No window-sized float buffer: 48 MB less per worker at 12 MP;
-        * "fused": the kernel writes the thresholded window, ATen's sigmoid and sum run on it;
         * "aten": no kernel, or NaN logits (the ATen path decides what those give).
+
+        Neither kernel path keeps a window-sized float buffer: 48 MB less per worker at 12 MP.
         """
         up = self.up
         rows, cols = win
         shape = (rows.stop - rows.start, cols.stop - cols.start)
-        if self.banded:
-            banded = up.banded_window(resized, win, buffers, self.reductions)
-            if banded is not None:
-                positives, total, mask = banded
-                return total / (positives + 1e-6), mask, "banded"
-        fused = up.thresholded_window(resized, win, buffers.get(0, shape), buffers.get(1, (2, shape[1])))
-        if fused is not None and fused[1] == 0:
-            sig = buffers.get(0, shape)
-            total = self.reductions.sum(self.reductions.sigmoid_(sig.view(-1)))
-            return total / (fused[0] + 1e-6), sig, "fused"
+        found = None
+        if self.kernel_path == "scored":
+            found = up.scored_window(resized, win, buffers, self.reductions)
+        elif self.kernel_path == "banded":
+            found = up.banded_window(resized, win, buffers, self.reductions)
+        if found is not None:
+            positives, total, mask = found
+            return total / (positives + 1e-6), mask, self.kernel_path
         scratch = buffers.get(1, shape) if up.row_pass_needs_scratch else None
         logits = up.window_logits(resized, win, out=buffers.get(0, shape), scratch=scratch)
         if not logits.is_contiguous() or logits.data_ptr() != buffers.get(0, shape).data_ptr():
@@ -825,10 +915,8 @@ class _Pass:
                 key = max(key for _, key in result.parts)
                 with self.paint_lock:  # a maximum is order-free, but two at once would race
                     win_best = self.best_key[rows, cols]  # a view: writing it writes the map
-                    if path == "banded" and up.kernel is not None:
+                    if path != "aten" and up.kernel is not None:
                         up.kernel.paint_max_bytes(ones, win_best, key)
-                    elif path == "fused" and up.kernel is not None:
-                        up.kernel.paint_max(ones, win_best, key)
                     else:
                         torch.maximum(win_best, ones.mul_(key), out=win_best)
             found.append((q, result))
@@ -891,7 +979,10 @@ def postprocess(pred_logits: torch.Tensor, pred_masks: torch.Tensor, padded_hw: 
     threads = torch.get_num_threads()
     parallel = reductions_reproducible(threads)
     reductions = Reductions(threads, emulate=parallel)
-    banded = up.kernel is not None and banded_is_exact(threads, parallel)
+    kernel_path = ""
+    if up.kernel is not None:
+        kernel_path = ("scored" if scored_is_exact(threads, parallel) else
+                       "banded" if banded_is_exact(threads, parallel) else "")
     lock: contextlib.AbstractContextManager = threading.Lock() if parallel else contextlib.nullcontext()
     humans: list[KeptInstance] = []
     human_masks: list[np.ndarray] = []
@@ -900,7 +991,7 @@ def postprocess(pred_logits: torch.Tensor, pred_masks: torch.Tensor, padded_hw: 
     bucket_parts: dict[int, list[int]] = {}  # key bucket -> indices into parts
     keys_exact = human_class <= 1 << CLASS_BITS
     for is_human_pass, by_query in _passes(candidates, human_class):
-        work = _Pass(up, by_query, is_human_pass, human_flags, best_key, reductions, lock, banded)
+        work = _Pass(up, by_query, is_human_pass, human_flags, best_key, reductions, lock, kernel_path)
         for result in _run_pass(work, parallel):
             for person, mask, flags in result.humans:
                 humans.append(person)

@@ -1,15 +1,19 @@
-/* The exact postprocess's two streaming steps over a query's photo-size window, fused.
+/* The exact postprocess's streaming work over a query's photo-size window, fused.
  *
- * Why by hand: ATen runs the bilinear width pass, the height pass, the threshold and the count as
- * separate element-wise operations, each reading and writing the whole window (48 MB for one
- * query of a 12 MP photo), and paints the label map's running maximum in two more. No library
- * fuses them with ATen's own rounding, and the bits must stay ATen's. This file does only
- * arithmetic whose result is fixed by IEEE 754: a product rounded once, fmaf (one rounding),
- * comparisons and selections. The sigmoid and the sum, whose bits depend on ATen's vector
- * library and reduction order, stay ATen's (dicom_node/model/postprocess.py).
+ * Why by hand: ATen runs the bilinear width pass, the height pass, the threshold, the sigmoid, the
+ * sum and the count as separate element-wise operations, each reading and writing the whole window
+ * (48 MB for one query of a 12 MP photo), and paints the label map's running maximum in two more.
+ * No library fuses them with ATen's own rounding, and the bits must stay ATen's:
+ * - bilinear steps: a product rounded once and fmaf, as ATen's addcmul computes them;
+ * - the sigmoid: ATen's vector body is 1 / (1 + Sleef_expf_u10(0 - x)) and its scalar tail
+ *   1 / (1 + expf(-x)) (libm, the same function ATen calls); sleef_expf below is SLEEF's xexpf
+ *   (sleefsimdsp.c, the FMA build ATen links), step for step;
+ * - the sum: ATen's one-thread cascade (cascade_* below).
+ * dicom_node/model/postprocess.py checks each against ATen before it is used, and the tests
+ * compare the sigmoid over every positive float below 110.
  *
  * Compiled with -ffp-contract=off so that the compiler fuses nothing itself: every fma below is
- * written out, as ATen's addcmul computes it.
+ * written out.
  */
 #include <math.h>
 #include <stdint.h>
@@ -22,113 +26,80 @@ static void lerp_row(const float *restrict src, const int64_t *restrict i0, cons
         dst[c] = fmaf(src[i0[c]], w0[c], src[i1[c]] * w1[c]);
 }
 
-/* A query's logits inside a window of the photo, thresholded as F.threshold(x, 0, -inf) does.
- *
- * src: the query's logits at the network-input size, rows of src_w floats.
- * Width taps (ci0, ci1, cw0, cw1) for the window's n_cols columns; height taps (ri0, ri1, rw0, rw1)
- * for its n_rows rows, as absolute source rows, non-decreasing. Each output element is
- * fma(a0, rw0, a1 * rw1) of the two width-interpolated source rows a0 and a1: the width pass,
- * then the height pass, the order of dicom_node.model.postprocess._lerp. The width pass runs
- * once per source row (kept in two row slots), not once per output row.
- * rows: scratch for two rows of n_cols floats. out: n_rows x n_cols.
- * Returns the number of positive outputs; *nans receives the number of NaNs (kept as NaN).
- */
-int64_t window_logits(const float *src, int64_t src_w,
-                      const int64_t *ci0, const int64_t *ci1, const float *cw0, const float *cw1, int64_t n_cols,
-                      const int64_t *ri0, const int64_t *ri1, const float *rw0, const float *rw1, int64_t n_rows,
-                      float *rows, float *out, int64_t *nans)
+/* The two width-interpolated source rows output row y reads, computed once per source row and
+ * kept in two slots (rows: 2 x n_cols floats; held: the source rows in them, -1 for none). */
+typedef struct {
+    const float *src;
+    int64_t src_w;
+    const int64_t *ci0, *ci1;
+    const float *cw0, *cw1;
+    int64_t n_cols;
+    const int64_t *ri0, *ri1;
+    const float *rw0, *rw1;
+    float *rows;
+    int64_t held[2];
+} taps_t;
+
+static void source_rows(taps_t *t, int64_t y, const float **a0, const float **a1)
 {
-    int64_t held[2] = {-1, -1};
-    int64_t positives = 0, nan_count = 0;
-    for (int64_t y = 0; y < n_rows; y++) {
-        const int64_t want[2] = {ri0[y], ri1[y]};
-        const float *row[2];
-        for (int k = 0; k < 2; k++) {
-            int slot = held[0] == want[k] ? 0 : held[1] == want[k] ? 1 : -1;
-            if (slot < 0) {
-                slot = held[0] == want[1 - k] ? 1 : 0; /* keep the other row this output needs */
-                lerp_row(src + want[k] * src_w, ci0, ci1, cw0, cw1, n_cols, rows + slot * n_cols);
-                held[slot] = want[k];
-            }
-            row[k] = rows + slot * n_cols;
+    const int64_t want[2] = {t->ri0[y], t->ri1[y]};
+    const float *row[2];
+    for (int k = 0; k < 2; k++) {
+        int slot = t->held[0] == want[k] ? 0 : t->held[1] == want[k] ? 1 : -1;
+        if (slot < 0) {
+            slot = t->held[0] == want[1 - k] ? 1 : 0; /* keep the other row this output needs */
+            lerp_row(t->src + want[k] * t->src_w, t->ci0, t->ci1, t->cw0, t->cw1, t->n_cols,
+                     t->rows + slot * t->n_cols);
+            t->held[slot] = want[k];
         }
-        const float *restrict a0 = row[0], *restrict a1 = row[1];
-        const float w0 = rw0[y], w1 = rw1[y];
-        float *restrict dst = out + y * n_cols;
-        /* 32-bit counters, and this order of the statements: what GCC 12 vectorises (with 64-bit
-         * counters, or the select before the count, the loop took twice as long) */
-        int32_t pos = 0, nan = 0;
-        for (int64_t c = 0; c < n_cols; c++) {
-            float v = fmaf(a0[c], w0, a1[c] * w1);
-            nan += v != v;
-            pos += v > 0.0f;
-            dst[c] = v > 0.0f || v != v ? v : -INFINITY; /* ATen's threshold: x <= 0 ? -inf : x */
-        }
-        positives += pos;
-        nan_count += nan;
+        row[k] = t->rows + slot * t->n_cols;
     }
-    *nans = nan_count;
-    return positives;
+    *a0 = row[0];
+    *a1 = row[1];
 }
 
-/* The label map's running maximum: best = max(best, key) where the query's sigmoid is positive.
- * sig: n_rows x n_cols; best: the same window of the photo-size map, rows best_stride apart.
- * Equal to torch.maximum(best, ceil(sig) * key) for best >= 0 and a positive finite key. */
-void paint_max(const float *sig, int64_t n_rows, int64_t n_cols, float *best, int64_t best_stride, float key)
+/* Columns [c0, c1) of output row y: dst[c] = the logit thresholded as F.threshold(x, 0, -inf)
+ * (x <= 0 -> -inf, NaN stays), positive[c] = logit > 0. Counts into *positives and *nans.
+ * 32-bit counters and this order of the statements: what GCC 12 vectorises (with 64-bit counters,
+ * or the select before the count, the loop took twice as long). */
+static void logits_span(taps_t *t, int64_t y, int64_t c0, int64_t c1, float *restrict dst,
+                        uint8_t *restrict positive, int64_t *positives, int64_t *nans)
 {
-    for (int64_t y = 0; y < n_rows; y++) {
-        const float *restrict s = sig + y * n_cols;
-        float *restrict b = best + y * best_stride;
-        for (int64_t c = 0; c < n_cols; c++)
-            b[c] = (s[c] > 0.0f && key > b[c]) ? key : b[c];
+    const float *a0, *a1;
+    source_rows(t, y, &a0, &a1);
+    const float w0 = t->rw0[y], w1 = t->rw1[y];
+    int32_t pos = 0, nan = 0;
+    for (int64_t c = c0; c < c1; c++) {
+        float v = fmaf(a0[c], w0, a1[c] * w1);
+        nan += v != v;
+        pos += v > 0.0f;
+        positive[c] = v > 0.0f;
+        dst[c] = v > 0.0f || v != v ? v : -INFINITY;
     }
+    *positives += pos;
+    *nans += nan;
 }
 
 /* ---- Banded: a window in slices that stay in cache, never whole in memory ---------------------
  *
- * window_band computes elements [f0, f1) of the row-major window (as window_logits does) and a
- * 0/1 byte per element (logit > 0) for the label map and the person masks. The caller applies
- * ATen's sigmoid to each slice and feeds it to cascade_feed, which adds the elements in the order
- * of ATen's sum (below), so the score's bits are those of ATen's sum over the whole window. */
-
+ * window_band computes elements [f0, f1) of the row-major window and a 0/1 byte per element
+ * (logit > 0) for the label map and the person masks. The caller applies ATen's sigmoid to each
+ * slice and feeds it to cascade_feed, which adds the elements in the order of ATen's sum (below),
+ * so the score's bits are those of ATen's sum over the whole window. Returns the positives. */
 int64_t window_band(const float *src, int64_t src_w,
                     const int64_t *ci0, const int64_t *ci1, const float *cw0, const float *cw1, int64_t n_cols,
                     const int64_t *ri0, const int64_t *ri1, const float *rw0, const float *rw1,
                     int64_t f0, int64_t f1, float *rows, float *out, uint8_t *positive, int64_t *nans)
 {
-    int64_t positives = 0, nan_count = 0;
-    int64_t held[2] = {-1, -1};
+    taps_t t = {src, src_w, ci0, ci1, cw0, cw1, n_cols, ri0, ri1, rw0, rw1, rows, {-1, -1}};
+    int64_t positives = 0;
+    *nans = 0;
     for (int64_t f = f0; f < f1;) {
         const int64_t y = f / n_cols, c0 = f - y * n_cols;
         const int64_t c1 = (f1 - y * n_cols) < n_cols ? (f1 - y * n_cols) : n_cols;
-        const int64_t want[2] = {ri0[y], ri1[y]};
-        const float *row[2];
-        for (int k = 0; k < 2; k++) {
-            int slot = held[0] == want[k] ? 0 : held[1] == want[k] ? 1 : -1;
-            if (slot < 0) {
-                slot = held[0] == want[1 - k] ? 1 : 0;
-                lerp_row(src + want[k] * src_w, ci0, ci1, cw0, cw1, n_cols, rows + slot * n_cols);
-                held[slot] = want[k];
-            }
-            row[k] = rows + slot * n_cols;
-        }
-        const float *restrict a0 = row[0], *restrict a1 = row[1];
-        const float w0 = rw0[y], w1 = rw1[y];
-        float *restrict dst = out + (f - f0) - c0;
-        uint8_t *restrict pos_out = positive + (f - f0) - c0;
-        int32_t pos = 0, nan = 0;
-        for (int64_t c = c0; c < c1; c++) {
-            float v = fmaf(a0[c], w0, a1[c] * w1);
-            nan += v != v;
-            pos += v > 0.0f;
-            pos_out[c] = v > 0.0f;
-            dst[c] = v > 0.0f || v != v ? v : -INFINITY;
-        }
-        positives += pos;
-        nan_count += nan;
+        logits_span(&t, y, c0, c1, out + (f - f0) - c0, positive + (f - f0) - c0, &positives, nans);
         f += c1 - c0;
     }
-    *nans = nan_count;
     return positives;
 }
 
@@ -179,27 +150,47 @@ void cascade_start(cascade_t *s, int64_t n)
     s->level_power = lp > 4 ? lp : 4;
 }
 
-static void add_row(cascade_t *s, const float *restrict x)
+/* The cascade after row i (1-based) completes a block: level j-1 into level j, for j = 1.. while i is
+ * a multiple of 2^(j * level_power); only for full blocks (entered while start + step <= rows). */
+static void block_done(cascade_t *s)
 {
-    for (int k = 0; k < ILP; k++)
-        for (int l = 0; l < LANES; l++)
-            s->acc[0][k][l] += x[k * LANES + l];
-    const int64_t step = (int64_t)1 << s->level_power;
-    const int64_t i = ++s->rows_done;
-    /* the block of rows just completed was a full one, entered while i_start + step <= rows */
-    if (i % step == 0 && i <= s->rows_total - (s->rows_total % step)) {
-        for (int j = 1; j < LEVELS; j++) {
-            for (int k = 0; k < ILP; k++)
-                for (int l = 0; l < LANES; l++) {
-                    s->acc[j][k][l] += s->acc[j - 1][k][l];
-                    s->acc[j - 1][k][l] = 0.0f;
-                }
-            const int64_t mask = (step - 1) << (j * s->level_power);
-            if ((i & mask) != 0)
-                break;
-        }
+    const int64_t step = (int64_t)1 << s->level_power, i = s->rows_done;
+    if ((i & (step - 1)) != 0 || i > (s->rows_total & ~(step - 1)))
+        return;
+    for (int j = 1; j < LEVELS; j++) {
+        for (int k = 0; k < ILP; k++)
+            for (int l = 0; l < LANES; l++) {
+                s->acc[j][k][l] += s->acc[j - 1][k][l];
+                s->acc[j - 1][k][l] = 0.0f;
+            }
+        if ((i & ((step - 1) << (j * s->level_power))) != 0)
+            break;
     }
 }
+
+/* n whole rows into level 0, in order; the level-0 accumulators stay in registers within a block. */
+static void add_rows(cascade_t *s, const float *restrict x, int64_t n)
+{
+    const int64_t step = (int64_t)1 << s->level_power;
+    while (n > 0) {
+        const int64_t to_end = step - (s->rows_done & (step - 1));
+        const int64_t k = n < to_end ? n : to_end;
+        float acc[ROW];
+        for (int e = 0; e < ROW; e++)
+            acc[e] = (&s->acc[0][0][0])[e];
+        for (int64_t r = 0; r < k; r++)
+            for (int e = 0; e < ROW; e++)
+                acc[e] += x[r * ROW + e];
+        for (int e = 0; e < ROW; e++)
+            (&s->acc[0][0][0])[e] = acc[e];
+        s->rows_done += k;
+        x += k * ROW;
+        n -= k;
+        block_done(s);
+    }
+}
+
+static void add_row(cascade_t *s, const float *restrict x) { add_rows(s, x, 1); }
 
 void cascade_feed(cascade_t *s, const float *x, int64_t n)
 {
@@ -215,8 +206,13 @@ void cascade_feed(cascade_t *s, const float *x, int64_t n)
             s->n_pending = 0;
         }
     }
-    for (; t + ROW <= n && s->rows_done < s->rows_total && s->n_pending == 0; t += ROW)
-        add_row(s, x + t);
+    if (s->n_pending == 0) {
+        int64_t whole = (n - t) / ROW;
+        if (whole > s->rows_total - s->rows_done)
+            whole = s->rows_total - s->rows_done;
+        add_rows(s, x + t, whole);
+        t += whole * ROW;
+    }
     for (; t < n; t++) {
         s->pending[s->n_pending++] = x[t];
         if (s->n_pending == ROW && s->rows_done < s->rows_total) {
@@ -249,6 +245,143 @@ float cascade_finish(cascade_t *s)
     for (int l = 0; l < LANES; l++)
         total += s->acc[0][0][l];
     return total;
+}
+
+/* cascade_feed of n zeros: a zero added to an accumulator (never -0 here: it starts at +0 and
+ * only non-negative values are added) leaves it as it is, so only the blocks' cascades remain. */
+void cascade_feed_zeros(cascade_t *s, int64_t n)
+{
+    static const float zeros[ROW] = {0};
+    if (s->fed < 0 || n > s->n_total - s->fed) {
+        s->fed = -1;
+        return;
+    }
+    const int64_t head = s->n_pending > 0 ? (ROW - s->n_pending < n ? ROW - s->n_pending : n) : 0;
+    cascade_feed(s, zeros, head);
+    n -= head;
+    const int64_t step = (int64_t)1 << s->level_power;
+    int64_t whole = n / ROW;
+    if (whole > s->rows_total - s->rows_done)
+        whole = s->rows_total - s->rows_done;
+    while (whole > 0) { /* zeros leave level 0 as it is: only the blocks' cascades remain */
+        const int64_t to_end = step - (s->rows_done & (step - 1));
+        const int64_t k = whole < to_end ? whole : to_end;
+        s->rows_done += k;
+        s->fed += k * ROW;
+        n -= k * ROW;
+        whole -= k;
+        block_done(s);
+    }
+    while (n > 0) {
+        const int64_t k = n < ROW ? n : ROW;
+        cascade_feed(s, zeros, k);
+        n -= k;
+    }
+}
+
+/* SLEEF's xexpf (sleefsimdsp.c, FMA build: vmla = fma), one lane. */
+static inline float pow2i(int32_t q)
+{
+    union { int32_t i; float f; } u = {(q + 0x7f) * (1 << 23)};
+    return u.f;
+}
+
+static inline float sleef_expf(float d)
+{
+    const float r_ln2 = 1.442695040888963407359924681001892137426645954152985934135449406931f;
+    const float l2u = 0.693145751953125f, l2l = 1.428606765330187045e-06f;
+    const int32_t q = (int32_t)rintf(d * r_ln2);
+    float s = fmaf((float)q, -l2u, d);
+    s = fmaf((float)q, -l2l, s);
+    float u = 0.000198527617612853646278381f;
+    u = fmaf(u, s, 0.00139304355252534151077271f);
+    u = fmaf(u, s, 0.00833336077630519866943359f);
+    u = fmaf(u, s, 0.0416664853692054748535156f);
+    u = fmaf(u, s, 0.166666671633720397949219f);
+    u = fmaf(u, s, 0.5f);
+    u = 1.0f + fmaf(s * s, u, s);
+    u = u * pow2i(q >> 1) * pow2i(q - (q >> 1)); /* vldexp2 */
+    u = d < -104.0f ? 0.0f : u;
+    return 100.0f < d ? INFINITY : u;
+}
+
+/* ATen's sigmoid, vector body and scalar tail (UnaryOpsKernel.cpp, sigmoid_kernel). */
+void sigmoid_vector(const float *x, float *y, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++)
+        y[i] = 1.0f / (1.0f + sleef_expf(0.0f - x[i]));
+}
+
+void sigmoid_scalar(const float *x, float *y, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++)
+        y[i] = 1.0f / (1.0f + expf(-x[i]));
+}
+
+/* Columns [c0, c1) of row y's sigmoid by the scalar tail's formula, from the logits again (line
+ * holds the vector body's results there). */
+static void scalar_tail(taps_t *t, int64_t y, int64_t c0, int64_t c1, float *line)
+{
+    const float *a0, *a1;
+    source_rows(t, y, &a0, &a1);
+    const float w0 = t->rw0[y], w1 = t->rw1[y];
+    for (int64_t c = c0; c < c1; c++) {
+        const float v = fmaf(a0[c], w0, a1[c] * w1);
+        const float x = v > 0.0f || v != v ? v : -INFINITY;
+        sigmoid_scalar(&x, line + c, 1);
+    }
+}
+
+/* The whole mask score of a window in one pass, nothing window-sized but the bytes:
+ * sum(sigmoid(thresholded logits)) as Reductions computes it over the row-major window, whose
+ * elements are split into chunks at bounds[0] = 0 < bounds[1] < ... < bounds[n_chunks] = n (the
+ * threads' chunks): each chunk's sum is ATen's one-thread cascade, the chunks' sums are added in
+ * order in float32; in each chunk the last (length % vec_step) elements take the sigmoid's scalar
+ * tail, the others its vector body (vec_step = 2 x ATen's vector length). line: n_cols floats.
+ * Returns the positives; *nans the NaN count (the sum is then meaningless); *total the sum. */
+int64_t window_score(const float *src, int64_t src_w,
+                     const int64_t *ci0, const int64_t *ci1, const float *cw0, const float *cw1, int64_t n_cols,
+                     const int64_t *ri0, const int64_t *ri1, const float *rw0, const float *rw1, int64_t n_rows,
+                     const int64_t *bounds, int64_t n_chunks, int64_t vec_step, float *rows, float *line,
+                     uint8_t *positive, cascade_t *state, int64_t *nans, float *total)
+{
+    taps_t t = {src, src_w, ci0, ci1, cw0, cw1, n_cols, ri0, ri1, rw0, rw1, rows, {-1, -1}};
+    int64_t positives = 0, chunk = 0;
+    int64_t tail_start = bounds[1] - (bounds[1] - bounds[0]) % vec_step;
+    float sum = 0.0f;
+    *nans = 0;
+    cascade_start(state, bounds[1] - bounds[0]);
+    for (int64_t y = 0; y < n_rows; y++) {
+        const int64_t f_row = y * n_cols;
+        const int64_t before = positives;
+        logits_span(&t, y, 0, n_cols, line, positive + f_row, &positives, nans);
+        const int any = positives != before;
+        if (any)
+            sigmoid_vector(line, line, n_cols);
+        for (int64_t c = 0; c < n_cols;) { /* feed the row, chunk by chunk */
+            const int64_t end = bounds[chunk + 1];
+            const int64_t stop = end - f_row < n_cols ? end - f_row : n_cols;
+            if (any) {
+                const int64_t from = tail_start - f_row > c ? tail_start - f_row : c;
+                if (from < stop) /* the chunk's scalar tail lies in this row */
+                    scalar_tail(&t, y, from, stop, line);
+                cascade_feed(state, line + c, stop - c);
+            } else {
+                cascade_feed_zeros(state, stop - c);
+            }
+            c = stop;
+            if (f_row + c == end) { /* a chunk ends: its sum, then the next chunk */
+                const float part = cascade_finish(state);
+                sum = chunk == 0 ? part : sum + part;
+                if (++chunk < n_chunks) {
+                    cascade_start(state, bounds[chunk + 1] - bounds[chunk]);
+                    tail_start = bounds[chunk + 1] - (bounds[chunk + 1] - bounds[chunk]) % vec_step;
+                }
+            }
+        }
+    }
+    *total = sum;
+    return positives;
 }
 
 /* paint_max with the 0/1 bytes of window_band as the mask. */

@@ -1,12 +1,13 @@
-"""The exact postprocess's fused window steps (``window_kernel.c``), compiled for this CPU.
+"""The exact postprocess's window statistics in one pass (``window_kernel.c``), compiled for this CPU.
 
 Why compiled here rather than shipped: the kernel is a page of C with no Python API, built with
 the system's C compiler for the CPU it runs on (``-march=native``) in a fraction of a second, once
 per process, into a temporary directory that is removed at once (nothing to cache, invalidate or
 keep writable under a hardened service). Where no compiler is found or the build fails, the
 postprocess keeps its ATen path, which gives the same bits more slowly; :func:`kernel` says which.
-Before first use :func:`dicom_node.model.postprocess.native_is_exact` compares the two on random
-inputs, so a compiler that rounds differently is caught rather than trusted.
+Before first use the checks in :mod:`dicom_node.model.postprocess` compare each entry point with
+ATen on inputs chosen to tell them apart, so a compiler or build that rounds differently is caught
+rather than trusted.
 """
 
 from __future__ import annotations
@@ -28,7 +29,11 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("window_kernel.c")
 # -ffp-contract=off: the compiler may not fuse a product and a sum on its own (the C writes each
 # fma out, as ATen computes it); no -ffast-math, which would reorder and drop NaN semantics.
-CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC")
+# -fno-math-errno and -fno-trapping-math change no value (errno and floating-point traps are not
+# looked at here) and let GCC vectorise the sigmoid (its selects and rintf); the checks in
+# dicom_node.model.postprocess compare the bits with ATen's either way.
+CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-shared",
+          "-fPIC")
 DISABLE_ENV = "DICOM_NODE_NO_WINDOW_KERNEL"  # set (non-empty) to keep the ATen path
 
 
@@ -45,32 +50,14 @@ class WindowKernel:
 
     library: ctypes.CDLL
 
-    def window_logits(self, src: torch.Tensor, cols: tuple[torch.Tensor, ...], rows: tuple[torch.Tensor, ...],
-                      scratch: torch.Tensor, out: torch.Tensor) -> tuple[int, int]:
-        """Thresholded photo-size logits of a window into ``out``; (positives, NaNs).
-
-        ``src`` (h, w) contiguous float32; ``cols`` and ``rows`` the taps (i0, i1, w0, w1) as
-        contiguous int64/float32 tensors, rows as absolute source rows; ``scratch`` two rows of the
-        window's width; ``out`` (rows, cols) contiguous.
-        """
-        n_rows, n_cols = out.shape
-        for t in (src, scratch, out, *cols, *rows):
-            if not t.is_contiguous():
-                raise ValueError("window kernel: tensors must be contiguous")
-        if scratch.numel() < 2 * n_cols or cols[0].numel() != n_cols or rows[0].numel() != n_rows:
-            raise ValueError("window kernel: shapes do not match")
-        nans = ctypes.c_int64(0)
-        positives = self.library.window_logits(
-            _pointer(src), src.shape[1], *(_pointer(t) for t in cols), n_cols,
-            *(_pointer(t) for t in rows), n_rows, _pointer(scratch), _pointer(out), ctypes.byref(nans))
-        return int(positives), int(nans.value)
-
     def window_band(self, src: torch.Tensor, cols: tuple[torch.Tensor, ...], rows: tuple[torch.Tensor, ...],
                     span: tuple[int, int], scratch: torch.Tensor, out: torch.Tensor,
                     positive: torch.Tensor) -> tuple[int, int]:
         """Elements ``span`` = [f0, f1) of the row-major window into ``out`` (length f1 - f0) and their
         0/1 bytes (logit > 0) into ``positive`` at the same positions (the whole window's bytes);
-        (positives, NaNs). Arguments otherwise as :meth:`window_logits`; ``rows`` covers the window."""
+        (positives, NaNs). ``src`` (h, w) contiguous float32, the query's logits at the network-input
+        size; ``cols`` and ``rows`` the window's taps (i0, i1, w0, w1) as contiguous int64/float32
+        tensors, rows as absolute source rows; ``scratch`` two rows of the window's width."""
         f0, f1 = span
         n_cols = cols[0].numel()
         for t in (src, scratch, out, positive, *cols, *rows):
@@ -85,6 +72,33 @@ class WindowKernel:
             f0, f1, _pointer(scratch), _pointer(out), ctypes.c_void_p(positive.data_ptr() + f0), ctypes.byref(nans))
         return int(positives), int(nans.value)
 
+    def window_score(self, src: torch.Tensor, cols: tuple[torch.Tensor, ...], rows: tuple[torch.Tensor, ...],
+                     bounds: torch.Tensor, vec_step: int, scratch: torch.Tensor, line: torch.Tensor,
+                     positive: torch.Tensor, state: ctypes.Array[ctypes.c_char]) -> tuple[int, int, float]:
+        """A window's (positives, NaNs, sum of the sigmoid) in one pass, and its 0/1 bytes into
+        ``positive``; ``bounds`` (int64): the chunks' bounds 0 = b0 < b1 < ... = n; ``line``: a row."""
+        n_cols, n_rows = cols[0].numel(), rows[0].numel()
+        for t in (src, scratch, line, positive, bounds, *cols, *rows):
+            if not t.is_contiguous():
+                raise ValueError("window kernel: tensors must be contiguous")
+        if (scratch.numel() < 2 * n_cols or line.numel() < n_cols or positive.dtype != torch.uint8
+                or positive.numel() < n_rows * n_cols or bounds.dtype != torch.int64 or bounds.numel() < 2
+                or int(bounds[0]) != 0 or int(bounds[-1]) != n_rows * n_cols or vec_step < 1):
+            raise ValueError("window kernel: shapes do not match")
+        nans, total = ctypes.c_int64(0), ctypes.c_float(0)
+        positives = self.library.window_score(
+            _pointer(src), src.shape[1], *(_pointer(t) for t in cols), n_cols, *(_pointer(t) for t in rows), n_rows,
+            _pointer(bounds), bounds.numel() - 1, vec_step, _pointer(scratch), _pointer(line), _pointer(positive),
+            state, ctypes.byref(nans), ctypes.byref(total))
+        return int(positives), int(nans.value), float(total.value)
+
+    def sigmoid(self, x: torch.Tensor, vector: bool) -> torch.Tensor:
+        """The kernel's copy of ATen's sigmoid: its vector body or its scalar tail, element-wise."""
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        (self.library.sigmoid_vector if vector else self.library.sigmoid_scalar)(_pointer(x), _pointer(out), x.numel())
+        return out
+
     def new_sum(self) -> ctypes.Array[ctypes.c_char]:
         """A state for :meth:`start_sum` / :meth:`feed_sum` / :meth:`finish_sum` (one per thread)."""
         return ctypes.create_string_buffer(int(self.library.cascade_state_bytes()))
@@ -98,24 +112,24 @@ class WindowKernel:
             raise ValueError("window kernel: a sum is fed contiguous float32")
         self.library.cascade_feed(state, _pointer(piece), piece.numel())
 
+    def feed_zeros(self, state: ctypes.Array[ctypes.c_char], n: int) -> None:
+        """:meth:`feed_sum` of ``n`` zeros, without reading any (what the one-pass score feeds for a
+        row with no positive logit)."""
+        self.library.cascade_feed_zeros(state, n)
+
     def finish_sum(self, state: ctypes.Array[ctypes.c_char]) -> float:
         """The float32 sum (NaN when the pieces did not add up to ``n``)."""
         return float(self.library.cascade_finish(state))
 
     def paint_max_bytes(self, positive: torch.Tensor, best: torch.Tensor, key: float) -> None:
-        """:meth:`paint_max` with the 0/1 bytes of :meth:`window_band` as the mask."""
+        """``best = max(best, key)`` where ``positive`` (0/1 bytes, as :meth:`window_band` writes them)
+        is 1; ``best`` a (rows, cols) view of the label map's keys with unit column stride. Equal to
+        ``torch.maximum(best, positive * key)`` for best >= 0 and a positive finite key."""
         if not positive.is_contiguous() or positive.dtype != torch.uint8 or best.stride(1) != 1 \
                 or positive.shape != best.shape:
             raise ValueError("window kernel: paint needs a contiguous mask and a row-major window")
         self.library.paint_max_bytes(_pointer(positive), positive.shape[0], positive.shape[1], _pointer(best),
                                      best.stride(0), ctypes.c_float(key))
-
-    def paint_max(self, sig: torch.Tensor, best: torch.Tensor, key: float) -> None:
-        """``best = max(best, key)`` where ``sig > 0``; ``best`` a (rows, cols) view with unit column stride."""
-        if not sig.is_contiguous() or best.stride(1) != 1 or sig.shape != best.shape:
-            raise ValueError("window kernel: paint needs a contiguous mask and a row-major window")
-        self.library.paint_max(_pointer(sig), sig.shape[0], sig.shape[1], _pointer(best), best.stride(0),
-                               ctypes.c_float(key))
 
 
 def _compiler() -> str | None:
@@ -152,10 +166,12 @@ def kernel() -> WindowKernel | None:
 def bind(library: ctypes.CDLL) -> WindowKernel:
     """The entry points' C signatures on a loaded ``window_kernel.c`` library."""
     p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-    library.window_logits.restype = i64
-    library.window_logits.argtypes = [p, i64, p, p, p, p, i64, p, p, p, p, i64, p, p, ctypes.POINTER(i64)]
-    library.paint_max.restype = None
-    library.paint_max.argtypes = [p, i64, i64, p, i64, f32]
+    library.window_score.restype = i64
+    library.window_score.argtypes = [p, i64, p, p, p, p, i64, p, p, p, p, i64, p, i64, i64, p, p, p, p,
+                                     ctypes.POINTER(i64), ctypes.POINTER(f32)]
+    for name in ("sigmoid_vector", "sigmoid_scalar"):
+        getattr(library, name).restype = None
+        getattr(library, name).argtypes = [p, p, i64]
     library.window_band.restype = i64
     library.window_band.argtypes = [p, i64, p, p, p, p, i64, p, p, p, p, i64, i64, p, p, p, ctypes.POINTER(i64)]
     library.cascade_state_bytes.restype = i64
@@ -164,6 +180,8 @@ def bind(library: ctypes.CDLL) -> WindowKernel:
     library.cascade_start.argtypes = [p, i64]
     library.cascade_feed.restype = None
     library.cascade_feed.argtypes = [p, p, i64]
+    library.cascade_feed_zeros.restype = None
+    library.cascade_feed_zeros.argtypes = [p, i64]
     library.cascade_finish.restype = f32
     library.cascade_finish.argtypes = [p]
     library.paint_max_bytes.restype = None
