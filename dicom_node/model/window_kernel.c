@@ -19,11 +19,21 @@
 #include <stdint.h>
 
 /* One row of the width pass: dst[c] = fma(src[i0[c]], w0[c], src[i1[c]] * w1[c]). */
-static void lerp_row(const float *restrict src, const int64_t *restrict i0, const int64_t *restrict i1,
+static void lerp_row(const float *restrict src, const int32_t *restrict i0, const int32_t *restrict i1,
                      const float *restrict w0, const float *restrict w1, int64_t n, float *restrict dst)
 {
     for (int64_t c = 0; c < n; c++)
         dst[c] = fmaf(src[i0[c]], w0[c], src[i1[c]] * w1[c]);
+}
+
+#define BLOCK 64 /* columns skipped at once where no logit is positive */
+
+static inline int any_byte(const uint8_t *restrict p, int64_t n)
+{
+    uint8_t any = 0;
+    for (int64_t i = 0; i < n; i++)
+        any |= p[i];
+    return any != 0;
 }
 
 /* The two width-interpolated source rows output row y reads, computed once per source row and
@@ -31,7 +41,7 @@ static void lerp_row(const float *restrict src, const int64_t *restrict i0, cons
 typedef struct {
     const float *src;
     int64_t src_w;
-    const int64_t *ci0, *ci1;
+    const int32_t *ci0, *ci1; /* 32-bit: the gathers take twice as many lanes */
     const float *cw0, *cw1;
     int64_t n_cols;
     const int64_t *ri0, *ri1;
@@ -87,7 +97,7 @@ static void logits_span(taps_t *t, int64_t y, int64_t c0, int64_t c1, float *res
  * slice and feeds it to cascade_feed, which adds the elements in the order of ATen's sum (below),
  * so the score's bits are those of ATen's sum over the whole window. Returns the positives. */
 int64_t window_band(const float *src, int64_t src_w,
-                    const int64_t *ci0, const int64_t *ci1, const float *cw0, const float *cw1, int64_t n_cols,
+                    const int32_t *ci0, const int32_t *ci1, const float *cw0, const float *cw1, int64_t n_cols,
                     const int64_t *ri0, const int64_t *ri1, const float *rw0, const float *rw1,
                     int64_t f0, int64_t f1, float *rows, float *out, uint8_t *positive, int64_t *nans)
 {
@@ -340,7 +350,7 @@ static void scalar_tail(taps_t *t, int64_t y, int64_t c0, int64_t c1, float *lin
  * tail, the others its vector body (vec_step = 2 x ATen's vector length). line: n_cols floats.
  * Returns the positives; *nans the NaN count (the sum is then meaningless); *total the sum. */
 int64_t window_score(const float *src, int64_t src_w,
-                     const int64_t *ci0, const int64_t *ci1, const float *cw0, const float *cw1, int64_t n_cols,
+                     const int32_t *ci0, const int32_t *ci1, const float *cw0, const float *cw1, int64_t n_cols,
                      const int64_t *ri0, const int64_t *ri1, const float *rw0, const float *rw1, int64_t n_rows,
                      const int64_t *bounds, int64_t n_chunks, int64_t vec_step, float *rows, float *line,
                      uint8_t *positive, cascade_t *state, int64_t *nans, float *total)
@@ -356,8 +366,15 @@ int64_t window_score(const float *src, int64_t src_w,
         const int64_t before = positives;
         logits_span(&t, y, 0, n_cols, line, positive + f_row, &positives, nans);
         const int any = positives != before;
-        if (any)
-            sigmoid_vector(line, line, n_cols);
+        if (any) /* the sigmoid of -inf is +0: blocks without a positive logit need no exp */
+            for (int64_t c = 0; c < n_cols; c += BLOCK) {
+                const int64_t e = c + BLOCK < n_cols ? c + BLOCK : n_cols;
+                if (any_byte(positive + f_row + c, e - c))
+                    sigmoid_vector(line + c, line + c, e - c);
+                else
+                    for (int64_t k = c; k < e; k++)
+                        line[k] = 0.0f;
+            }
         for (int64_t c = 0; c < n_cols;) { /* feed the row, chunk by chunk */
             const int64_t end = bounds[chunk + 1];
             const int64_t stop = end - f_row < n_cols ? end - f_row : n_cols;
@@ -384,14 +401,20 @@ int64_t window_score(const float *src, int64_t src_w,
     return positives;
 }
 
-/* paint_max with the 0/1 bytes of window_band as the mask. */
+/* best = max(best, key) where positive (the 0/1 bytes of window_band / window_score) is 1; blocks
+ * without a positive byte are not read from best at all (most of a part's bounding box). */
 void paint_max_bytes(const uint8_t *positive, int64_t n_rows, int64_t n_cols, float *best, int64_t best_stride,
                      float key)
 {
     for (int64_t y = 0; y < n_rows; y++) {
         const uint8_t *restrict p = positive + y * n_cols;
         float *restrict b = best + y * best_stride;
-        for (int64_t c = 0; c < n_cols; c++)
-            b[c] = (p[c] && key > b[c]) ? key : b[c];
+        for (int64_t c0 = 0; c0 < n_cols; c0 += BLOCK) {
+            const int64_t c1 = c0 + BLOCK < n_cols ? c0 + BLOCK : n_cols;
+            if (!any_byte(p + c0, c1 - c0))
+                continue;
+            for (int64_t c = c0; c < c1; c++)
+                b[c] = (p[c] && key > b[c]) ? key : b[c];
+        }
     }
 }

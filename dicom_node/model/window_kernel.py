@@ -41,6 +41,20 @@ def _pointer(t: torch.Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
+def _taps(src: torch.Tensor, cols: tuple[torch.Tensor, ...], rows: tuple[torch.Tensor, ...]
+          ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """The taps as the C code takes them (column indices as int32), after checking every index
+    lies inside ``src``: the C code reads where they point without looking."""
+    h, w = src.shape
+    for index, size in ((cols[0], w), (cols[1], w), (rows[0], h), (rows[1], h)):
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= size):
+            raise ValueError("window kernel: a tap points outside the source")
+    if src.dtype != torch.float32 or any(t.dtype != torch.float32 for t in (cols[2], cols[3], rows[2], rows[3])):
+        raise ValueError("window kernel: float32 logits and weights expected")
+    return ((cols[0].to(torch.int32), cols[1].to(torch.int32), cols[2], cols[3]),
+            (rows[0].to(torch.int64), rows[1].to(torch.int64), rows[2], rows[3]))
+
+
 @dataclass(frozen=True)
 class WindowKernel:
     """The entry points of ``window_kernel.c`` over torch tensors (pointers, no copies).
@@ -60,6 +74,7 @@ class WindowKernel:
         tensors, rows as absolute source rows; ``scratch`` two rows of the window's width."""
         f0, f1 = span
         n_cols = cols[0].numel()
+        cols, rows = _taps(src, cols, rows)
         for t in (src, scratch, out, positive, *cols, *rows):
             if not t.is_contiguous():
                 raise ValueError("window kernel: tensors must be contiguous")
@@ -78,6 +93,7 @@ class WindowKernel:
         """A window's (positives, NaNs, sum of the sigmoid) in one pass, and its 0/1 bytes into
         ``positive``; ``bounds`` (int64): the chunks' bounds 0 = b0 < b1 < ... = n; ``line``: a row."""
         n_cols, n_rows = cols[0].numel(), rows[0].numel()
+        cols, rows = _taps(src, cols, rows)
         for t in (src, scratch, line, positive, bounds, *cols, *rows):
             if not t.is_contiguous():
                 raise ValueError("window kernel: tensors must be contiguous")
