@@ -558,3 +558,28 @@ def test_the_sigmoid_check_refuses_a_wrong_formula(monkeypatch) -> None:
         assert pp.sigmoid_vector_step() is None
     finally:
         pp.sigmoid_vector_step.cache_clear()
+
+
+def test_the_kernel_refuses_taps_outside_the_source() -> None:
+    """The C code reads where the taps point: the wrapper checks them first (a ValueError the worker
+    reports, not a read outside the tensor)."""
+    from dicom_node.model import window_kernel
+    from dicom_node.model.postprocess import linear_axis
+
+    kern = window_kernel.kernel()
+    assert kern is not None
+    src = torch.randn(8, 10)
+    cols, rows = linear_axis(20, 10), linear_axis(16, 8)
+    good_cols, good_rows = (cols.i0, cols.i1, cols.w0, cols.w1), (rows.i0, rows.i1, rows.w0, rows.w1)
+    out, positive = torch.empty(320), torch.empty(320, dtype=torch.uint8)
+    kern.window_band(src, good_cols, good_rows, (0, 320), torch.empty(40), out, positive)
+    bad_col = cols.i1.clone()
+    bad_col[-1] = 10
+    bad_row = rows.i0.clone()
+    bad_row[0] = -1
+    for taps in (((cols.i0, bad_col, cols.w0, cols.w1), good_rows), (good_cols, (bad_row, rows.i1, rows.w0, rows.w1))):
+        with pytest.raises(ValueError, match="outside"):
+            kern.window_band(src, *taps, (0, 320), torch.empty(40), out, positive)
+        with pytest.raises(ValueError, match="outside"):
+            kern.window_score(src, *taps, torch.tensor([0, 320]), 32, torch.empty(40), torch.empty(20), positive,
+                              kern.new_sum())
