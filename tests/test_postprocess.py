@@ -331,23 +331,31 @@ def test_the_window_kernel_is_built_here_and_checked_exact() -> None:
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("path", ["scored", "banded"])
 @pytest.mark.parametrize("size", ["1024x768", "4000x3000"])
-def test_the_window_kernel_gives_the_aten_paths_bits(bench, request, monkeypatch, size, path, threads) -> None:
+def test_the_window_kernel_gives_the_aten_paths_bits(bench, request, monkeypatch, caplog, size, path,
+                                                    threads) -> None:
     """Kernel on, in one pass (the default here) or in slices with ATen's sigmoid, and off: the same
-    kept instances, masks and label map, with one intra-op thread and with two (queries in parallel)."""
+    kept instances, masks and label map, with one intra-op thread and with two (queries in parallel);
+    the path a worker takes is logged once."""
     from dicom_node.model import postprocess as pp
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     request.addfinalizer(lambda: torch.set_num_threads(before))
+    pp._kernel_path.cache_clear()
+    request.addfinalizer(pp._kernel_path.cache_clear)
     inp = bench.synthetic_inputs(size, seed=21)
     if path == "banded":
         monkeypatch.setattr(pp, "scored_is_exact", lambda threads, emulate: False)
+    caplog.set_level("INFO", logger="dicom_node.model.postprocess")
     paths: list[str] = []
     real = pp._Pass._mask_score
     monkeypatch.setattr(pp._Pass, "_mask_score", lambda self, *a: (lambda r: paths.append(r[2]) or r)(real(self, *a)))
     fused = bench.run(postprocess, inp)
     assert fused.upsampler.kernel is not None
     assert paths and set(paths) == {path}
+    logged = [r.getMessage() for r in caplog.records if "event=postprocess.kernel" in r.getMessage()]
+    expected = f"status=ready path={'one-pass' if path == 'scored' else 'slices'} threads={threads}"
+    assert len(logged) == 1 and expected in logged[0]
     request.getfixturevalue("aten_path")
     aten = bench.run(postprocess, inp)
     assert aten.upsampler.kernel is None

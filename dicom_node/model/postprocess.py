@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 import queue
 import threading
@@ -58,6 +59,8 @@ import torch
 import torch.nn.functional as F
 
 from dicom_node.model import window_kernel
+
+log = logging.getLogger(__name__)
 
 SCORE_CUT = 0.1
 TOPK = 100
@@ -964,6 +967,22 @@ def _run_pass(work: _Pass, parallel: bool) -> list[_QueryResult]:
     return [r for _, r in done]
 
 
+@functools.lru_cache(maxsize=8)
+def _kernel_path(threads: int, emulate: bool) -> str:
+    """The window kernel's path these reductions allow (see :meth:`_Pass._mask_score`), logged once:
+    an administrator sees which one a worker runs, and why not the fastest."""
+    path = "scored" if scored_is_exact(threads, emulate) else "banded" if banded_is_exact(threads, emulate) else ""
+    if path == "scored":
+        log.info("event=postprocess.kernel status=ready path=one-pass threads=%d", threads)
+    elif path == "banded":
+        log.warning("event=postprocess.kernel status=ready path=slices threads=%d reason=%s", threads,
+                    "the kernel's sigmoid did not match ATen's here; ATen's sigmoid runs slice by slice")
+    else:
+        log.warning("event=postprocess.kernel status=refused threads=%d reason=%s", threads,
+                    "the kernel's sum did not match ATen's here; the slower ATen path runs (same bits)")
+    return path
+
+
 def postprocess(pred_logits: torch.Tensor, pred_masks: torch.Tensor, padded_hw: tuple[int, int],
                 resized_hw: tuple[int, int], original_hw: tuple[int, int], human_class: int) -> PostprocessOutput:
     """Kept parts (score >= 0.1) and humans (score > 0.1), the label map and the human masks.
@@ -979,10 +998,7 @@ def postprocess(pred_logits: torch.Tensor, pred_masks: torch.Tensor, padded_hw: 
     threads = torch.get_num_threads()
     parallel = reductions_reproducible(threads)
     reductions = Reductions(threads, emulate=parallel)
-    kernel_path = ""
-    if up.kernel is not None:
-        kernel_path = ("scored" if scored_is_exact(threads, parallel) else
-                       "banded" if banded_is_exact(threads, parallel) else "")
+    kernel_path = _kernel_path(threads, parallel) if up.kernel is not None else ""
     lock: contextlib.AbstractContextManager = threading.Lock() if parallel else contextlib.nullcontext()
     humans: list[KeptInstance] = []
     human_masks: list[np.ndarray] = []
