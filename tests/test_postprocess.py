@@ -591,3 +591,37 @@ def test_the_kernel_refuses_taps_outside_the_source() -> None:
         with pytest.raises(ValueError, match="outside"):
             kern.window_score(src, *taps, torch.tensor([0, 320]), 32, torch.empty(40), torch.empty(20), positive,
                               kern.new_sum())
+
+
+@pytest.mark.parametrize("failure", ["no compiler", "no temp dir", "build fails"])
+def test_a_node_that_cannot_build_the_kernel_logs_it_and_parses_on(bench, monkeypatch, caplog, failure) -> None:
+    """No compiler on the PATH, no writable temporary directory, a compiler that fails: the kernel is
+    None, one WARNING line says why, and the postprocess runs on the ATen path (same bits)."""
+    import tempfile
+
+    from dicom_node.model import postprocess as pp
+    from dicom_node.model import window_kernel
+
+    inp = bench.synthetic_inputs("1024x768", seed=13)
+    with_kernel = bench.run(postprocess, inp)
+    assert with_kernel.upsampler.kernel is not None
+    monkeypatch.delenv("CC", raising=False)
+    if failure == "no compiler":
+        monkeypatch.setenv("PATH", "/nonexistent")
+    elif failure == "no temp dir":
+        monkeypatch.setattr(tempfile, "tempdir", "/nonexistent/tmp")
+    else:
+        monkeypatch.setenv("CC", "false")  # coreutils' false: exits 1
+    window_kernel.kernel.cache_clear()
+    pp.native_is_exact.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="dicom_node.model.window_kernel"):
+            assert window_kernel.kernel() is None
+        assert any("event=postprocess.kernel status=unavailable" in r.getMessage() for r in caplog.records)
+        without = bench.run(postprocess, inp)
+        assert without.upsampler.kernel is None
+        bench.assert_identical(with_kernel, without)
+    finally:
+        monkeypatch.undo()
+        window_kernel.kernel.cache_clear()
+        pp.native_is_exact.cache_clear()

@@ -165,17 +165,17 @@ def kernel() -> WindowKernel | None:
         log.warning("event=postprocess.kernel status=unavailable reason=%s",
                     "no C compiler (cc/gcc); the exact postprocess keeps its slower ATen path")
         return None
-    with tempfile.TemporaryDirectory(prefix="dicom-node-kernel-") as tmp:
-        library_path = Path(tmp) / "window_kernel.so"
-        try:
+    try:
+        with tempfile.TemporaryDirectory(prefix="dicom-node-kernel-") as tmp:
+            library_path = Path(tmp) / "window_kernel.so"
             subprocess.run([compiler, *CFLAGS, "-o", str(library_path), str(SOURCE), "-lm"],
                            check=True, capture_output=True, timeout=120)
             library = ctypes.CDLL(str(library_path))  # mapped: the file may go with the directory
-        except (OSError, subprocess.SubprocessError) as exc:
-            detail = getattr(exc, "stderr", b"") or b""
-            log.warning("event=postprocess.kernel status=unavailable reason=%r detail=%r", str(exc),
-                        detail.decode(errors="replace")[-300:])
-            return None
+    except (OSError, subprocess.SubprocessError) as exc:  # no writable temp dir, a failed build, noexec
+        detail = getattr(exc, "stderr", b"") or b""
+        log.warning("event=postprocess.kernel status=unavailable reason=%r detail=%r", str(exc),
+                    detail.decode(errors="replace")[-300:])
+        return None
     return bind(library)
 
 
