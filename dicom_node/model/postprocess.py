@@ -476,7 +476,7 @@ class MaskUpsampler:
         count, nans, total = kern.window_score(
             resized.contiguous(), (ox.i0, ox.i1, ox.w0, ox.w1), (oy.i0, oy.i1, oy.w0, oy.w1), bounds, step,
             buffers.get(1, (2, shape[1])), buffers.get(0, (1, shape[1])), positive,
-            buffers.sum_state(kern))  # type: ignore[arg-type]
+            buffers.sum_state(kern))
         return None if nans else (count, total, positive)
 
     def banded_window(self, resized: torch.Tensor, window: tuple[slice, slice], buffers: _Buffers,
@@ -680,7 +680,7 @@ def one_intra_op_thread() -> Iterator[None]:
 BAND = 1 << 18  # window elements held at once on the banded path: 1 MB of float32, about one core's L2
 
 
-def _banded_sigmoid_sum(kern: window_kernel.WindowKernel, state: object, chunks: list[tuple[int, int]],
+def _banded_sigmoid_sum(kern: window_kernel.WindowKernel, state: window_kernel.SumState, chunks: list[tuple[int, int]],
                         band: torch.Tensor, fill: Callable[[int, int, torch.Tensor], None],
                         keep: Callable[[int, int, torch.Tensor], object] | None = None) -> float:
     """sum(sigmoid(x)) over a window that ``fill(f0, f1, piece)`` writes slice by slice, with the
@@ -690,16 +690,16 @@ def _banded_sigmoid_sum(kern: window_kernel.WindowKernel, state: object, chunks:
     every element takes the vector body or the scalar tail it takes in the chunk-long call."""
     total: np.float32 | None = None
     for start, stop in chunks:
-        kern.start_sum(state, stop - start)  # type: ignore[arg-type]
+        kern.start_sum(state, stop - start)
         for f0 in range(start, stop, BAND):
             f1 = min(stop, f0 + BAND)
             piece = band[:f1 - f0]
             fill(f0, f1, piece)
             piece.sigmoid_()
-            kern.feed_sum(state, piece)  # type: ignore[arg-type]
+            kern.feed_sum(state, piece)
             if keep is not None:
                 keep(f0, f1, piece)
-        part = np.float32(kern.finish_sum(state))  # type: ignore[arg-type]
+        part = np.float32(kern.finish_sum(state))
         total = part if total is None else np.float32(total + part)  # in thread order, as Reductions.sum
     return float(total) if total is not None else 0.0
 
@@ -783,7 +783,7 @@ class _Buffers:
         self._flat = [torch.empty(0), torch.empty(0)]
         self._bytes = torch.empty(0, dtype=torch.uint8)
         self._band: torch.Tensor | None = None
-        self._sum_state: object = None
+        self._sum_state: window_kernel.SumState | None = None
 
     def positive(self, shape: tuple[int, int]) -> torch.Tensor:
         n = shape[0] * shape[1]
@@ -796,7 +796,7 @@ class _Buffers:
             self._band = torch.empty(BAND)
         return self._band
 
-    def sum_state(self, kern: window_kernel.WindowKernel) -> object:
+    def sum_state(self, kern: window_kernel.WindowKernel) -> window_kernel.SumState:
         if self._sum_state is None:
             self._sum_state = kern.new_sum()
         return self._sum_state

@@ -37,6 +37,9 @@ CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-
 DISABLE_ENV = "DICOM_NODE_NO_WINDOW_KERNEL"  # set (non-empty) to keep the ATen path
 
 
+SumState = ctypes.Array[ctypes.c_char]  # one thread's state of ATen's sum, fed in pieces (cascade_t)
+
+
 def _pointer(t: torch.Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
@@ -89,7 +92,7 @@ class WindowKernel:
 
     def window_score(self, src: torch.Tensor, cols: tuple[torch.Tensor, ...], rows: tuple[torch.Tensor, ...],
                      bounds: torch.Tensor, vec_step: int, scratch: torch.Tensor, line: torch.Tensor,
-                     positive: torch.Tensor, state: ctypes.Array[ctypes.c_char]) -> tuple[int, int, float]:
+                     positive: torch.Tensor, state: SumState) -> tuple[int, int, float]:
         """A window's (positives, NaNs, sum of the sigmoid) in one pass, and its 0/1 bytes into
         ``positive``; ``bounds`` (int64): the chunks' bounds 0 = b0 < b1 < ... = n; ``line``: a row."""
         n_cols, n_rows = cols[0].numel(), rows[0].numel()
@@ -115,25 +118,25 @@ class WindowKernel:
         (self.library.sigmoid_vector if vector else self.library.sigmoid_scalar)(_pointer(x), _pointer(out), x.numel())
         return out
 
-    def new_sum(self) -> ctypes.Array[ctypes.c_char]:
+    def new_sum(self) -> SumState:
         """A state for :meth:`start_sum` / :meth:`feed_sum` / :meth:`finish_sum` (one per thread)."""
         return ctypes.create_string_buffer(int(self.library.cascade_state_bytes()))
 
-    def start_sum(self, state: ctypes.Array[ctypes.c_char], n: int) -> None:
+    def start_sum(self, state: SumState, n: int) -> None:
         """Begin ATen's one-thread sum of ``n`` float32 elements, fed in order in pieces."""
         self.library.cascade_start(state, n)
 
-    def feed_sum(self, state: ctypes.Array[ctypes.c_char], piece: torch.Tensor) -> None:
+    def feed_sum(self, state: SumState, piece: torch.Tensor) -> None:
         if not piece.is_contiguous() or piece.dtype != torch.float32:
             raise ValueError("window kernel: a sum is fed contiguous float32")
         self.library.cascade_feed(state, _pointer(piece), piece.numel())
 
-    def feed_zeros(self, state: ctypes.Array[ctypes.c_char], n: int) -> None:
+    def feed_zeros(self, state: SumState, n: int) -> None:
         """:meth:`feed_sum` of ``n`` zeros, without reading any (what the one-pass score feeds for a
         row with no positive logit)."""
         self.library.cascade_feed_zeros(state, n)
 
-    def finish_sum(self, state: ctypes.Array[ctypes.c_char]) -> float:
+    def finish_sum(self, state: SumState) -> float:
         """The float32 sum (NaN when the pieces did not add up to ``n``)."""
         return float(self.library.cascade_finish(state))
 
