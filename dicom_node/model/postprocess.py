@@ -273,9 +273,9 @@ def explicit_is_exact(out_hw: tuple[int, int], in_hw: tuple[int, int]) -> bool:
 
 @functools.lru_cache(maxsize=1)
 def native_is_exact() -> bool:
-    """Whether the fused kernel (:mod:`dicom_node.model.window_kernel`) gives the ATen path's bits:
-    :func:`_lerp` along the width then the height, F.threshold(x, 0, -inf), the positive count,
-    and the running maximum of ``ceil(sigmoid) * key``, on random inputs with exact zeros and a NaN,
+    """Whether the kernel (:mod:`dicom_node.model.window_kernel`) gives the ATen path's bits:
+    :func:`_lerp` along the width then the height, F.threshold(x, 0, -inf), the positive count and
+    bytes, and the running maximum of ``key`` where positive, on random inputs with exact zeros and a NaN,
     over whole and partial windows whose widths are not multiples of a vector. A compiler that
     fused or reordered the arithmetic differs on a large fraction of such inputs, not a rare one.
     """
