@@ -311,6 +311,33 @@ def test_a_full_disk_fails_with_free_space_against_the_watermark(install: Instal
                          intake={"min_free_disk_mb": 8, "resume_free_disk_mb": 8}).returncode == 0
 
 
+def test_free_space_is_measured_where_intake_writes_the_spool(install: Install, small_disk: Path,
+                                                                tmp_path: Path) -> None:
+    """A spool on its own mount (issue 16's shared spool) is the disk intake watches: a full one fails
+    the check although the data directory has room; a full data directory beside a roomy spool fails
+    a row of its own (the job store lives there, and intake does not watch it)."""
+    with open(small_disk / "filler", "wb") as out:
+        out.write(b"\xa5" * (35 * MB))
+    free_mb = round(free_bytes(small_disk) / MB)
+    watermark = {"min_free_disk_mb": 8, "resume_free_disk_mb": 8}
+    spool = small_disk / "spool"
+    outcome = check_variant(tmp_path / "spool-full", install.config, data_dir=str(tmp_path / "node-data"),
+                            spool_dir=str(spool), intake=watermark)
+    assert outcome.returncode == 2, outcome.explain()
+    assert set(outcome.not_ok()) == {"disk space"}, outcome.explain()
+    assert f"{free_mb} MB free in {spool}" in outcome.rows["disk space"].detail
+    assert outcome.rows["spool directory"].status == "OK", outcome.explain()
+    assert "data disk space" in outcome.rows and outcome.rows["data disk space"].status == "OK", outcome.explain()
+
+    data = small_disk / "data"
+    outcome = check_variant(tmp_path / "data-full", install.config, data_dir=str(data),
+                            spool_dir=str(tmp_path / "spool"), intake=watermark)
+    assert outcome.returncode == 2, outcome.explain()
+    assert set(outcome.not_ok()) == {"data disk space"}, outcome.explain()
+    row = outcome.rows["data disk space"]
+    assert f"{free_mb} MB free in {data}" in row.detail and "job store" in row.detail, row.detail
+
+
 def test_a_port_held_by_another_process_fails(install: Install, tmp_path: Path) -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))

@@ -198,45 +198,68 @@ def _existing_ancestor(path: Path) -> Path:
     return path
 
 
-def data_dir_rows(config: NodeConfig) -> list[CheckRow]:
-    """Writable, and free space measured by intake's own watermark: "full" means exactly what intake
-    would refuse photos for."""
-    data_dir = config.data_dir
-    where = _existing_ancestor(data_dir)
-    rows: list[CheckRow] = []
-    if data_dir.exists() and not data_dir.is_dir():
-        return [fail("data directory", f"{data_dir} exists and is not a directory",
-                     "remove it or point data_dir elsewhere"), skip("disk space", "not checked")]
+def _directory_row(name: str, directory: Path, key: str) -> CheckRow:
+    """Writable, or creatable by serve: tried with a real file, as a permission bit can lie (ACLs,
+    read-only mounts)."""
+    where = _existing_ancestor(directory)
+    if directory.exists() and not directory.is_dir():
+        return fail(name, f"{directory} exists and is not a directory", f"remove it or point {key} elsewhere")
     try:
         with tempfile.NamedTemporaryFile(dir=where, prefix=".dicom-node-check-"):
             pass
     except OSError as exc:
-        rows.append(fail("data directory", f"{where} is not writable: {exc.strerror or exc}",
-                         f"give the node's user write access to {where}, or point data_dir elsewhere"))
-    else:
-        state = "writable" if where == data_dir.absolute() else f"does not exist yet; serve creates it in {where}"
-        rows.append(ok("data directory", f"{data_dir}: {state}"))
+        return fail(name, f"{where} is not writable: {exc.strerror or exc}",
+                    f"give the node's user write access to {where}, or point {key} elsewhere")
+    state = "writable" if where == directory.absolute() else f"does not exist yet; serve creates it in {where}"
+    return ok(name, f"{directory}: {state}")
+
+
+def _disk_row(name: str, directory: Path, config: NodeConfig, consequence: str, near: str,
+              ok_note: str) -> CheckRow:
+    """Free space against intake's own watermark (the same object intake asks), so "full" here
+    means what the node would stumble on."""
+    where = _existing_ancestor(directory)
     watermark = DiskWatermark.from_settings(where, config.intake)
     try:
         free = watermark.free_bytes()
     except OSError as exc:
-        rows.append(fail("disk space", f"free space of {where} unknown: {exc.strerror or exc}",
-                         "intake refuses photos when it cannot tell: check the file system"))
-        return rows
+        return fail(name, f"free space of {where} unknown: {exc.strerror or exc}",
+                    "intake refuses photos when it cannot tell: check the file system")
     low, resume = watermark.min_free_bytes / MB, watermark.resume_free_bytes / MB
-    detail = f"{free / MB:.0f} MB free in {data_dir}"
-    room = (f"free space in {data_dir} (`dicom-node jobs purge --older-than 7d`, or lower retention.done_after_h) or "
-            f"grow the file system")
+    detail = f"{free / MB:.0f} MB free in {directory}"
+    room = (f"free space in {directory} (`dicom-node jobs purge --older-than 7d`, or lower retention.done_after_h) "
+            f"or grow the file system")
     if free < watermark.min_free_bytes:
-        rows.append(fail("disk space", f"{detail}, below the watermark of {low:.0f} MB (intake.min_free_disk_mb): "
-                                       "intake refuses every photo (0xA700)",
-                         f"{room}; intake takes photos again at {resume:.0f} MB free"))
-    elif free < watermark.resume_free_bytes:
-        rows.append(warn("disk space", f"{detail}, less than {resume:.0f} MB: within intake.resume_free_disk_mb of "
-                                       f"the watermark ({low:.0f} MB), where intake starts refusing photos",
-                         room))
-    else:
-        rows.append(ok("disk space", f"{detail} (intake refuses photos below {low:.0f} MB)"))
+        return fail(name, f"{detail}, below the watermark of {low:.0f} MB (intake.min_free_disk_mb): {consequence}",
+                    f"{room}; intake takes photos again at {resume:.0f} MB free")
+    if free < watermark.resume_free_bytes:
+        return warn(name, f"{detail}, less than {resume:.0f} MB: within intake.resume_free_disk_mb of the "
+                          f"watermark ({low:.0f} MB), where {near}", room)
+    return ok(name, f"{detail} ({ok_note} {low:.0f} MB)")
+
+
+def _same_file_system(a: Path, b: Path) -> bool:
+    return os.stat(_existing_ancestor(a)).st_dev == os.stat(_existing_ancestor(b)).st_dev
+
+
+def storage_rows(config: NodeConfig) -> list[CheckRow]:
+    """The data directory (job store, health file) and the spool (photos, results) writable, and
+    free space where intake measures it: the spool's file system (``spool_dir``, which a group of
+    nodes may share on another mount, issue 16), not the data directory's. Where the two lie on
+    different file systems the data directory's free space is reported too: intake does not watch
+    it, and a job store that cannot commit stops the node as surely as a full spool."""
+    data_dir, spool_dir = config.data_dir, config.spool_dir
+    rows = [_directory_row("data directory", data_dir, "data_dir")]
+    if not spool_dir.absolute().is_relative_to(data_dir.absolute()):
+        rows.append(_directory_row("spool directory", spool_dir, "spool_dir"))
+    if any(d.exists() and not d.is_dir() for d in (data_dir, spool_dir)):
+        return [*rows, skip("disk space", "not checked")]
+    rows.append(_disk_row("disk space", spool_dir, config, "intake refuses every photo (0xA700)",
+                          "intake starts refusing photos", "intake refuses photos below"))
+    if not _same_file_system(data_dir, spool_dir):
+        rows.append(_disk_row("data disk space", data_dir, config,
+                              "the job store may fail to commit (intake watches only the spool's disk)",
+                              "the job store may fail to commit", "held to intake's watermark,"))
     return rows
 
 
@@ -457,7 +480,7 @@ def check_installation(path: Path | None, deadline_s: float = DEADLINE_S) -> lis
                                                 "(config/node.example.toml explains every key), then check again")]
     tasks: list[tuple[str, Task]] = [
         ("model", lambda: model_rows(config)),
-        ("data directory", lambda: data_dir_rows(config)),
+        ("storage", lambda: storage_rows(config)),
         ("ports", lambda: port_rows(config)),
     ]
     for destination in config.destinations:
