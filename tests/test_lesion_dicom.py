@@ -8,6 +8,7 @@ region equals rectangle ∩ that region's segment of our SEG (read back from Ort
 
 from __future__ import annotations
 
+import copy
 import subprocess
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import ComprehensiveSRStorage, SegmentationStorage, generate_uid
+from pydicom.uid import ComprehensiveSRStorage, CTImageStorage, SegmentationStorage, generate_uid
 
 from dicom_node.encode.validate import run_dciodvfy
 from dicom_node.queue.job import JobKind, JobState
@@ -62,11 +63,11 @@ def lesion_seg(photo: Dataset, *, label: str = "Burn lesion", lesion: bool = Tru
     return seg
 
 
-def send(datasets: list[Dataset], port: int, directory: Path) -> tuple[int, str]:
-    """dcmtk storescu to the node. ``-R``: propose only what the files need (storescu's default list of
-    storage classes has no Segmentation Storage; a PACS proposes it)."""
+def send(datasets: list[Dataset], port: int, directory: Path, called_aet: str = NODE_AET) -> tuple[int, str]:
+    """dcmtk storescu to the node (or Orthanc). ``-R``: propose only what the files need (storescu's
+    default list of storage classes has no Segmentation Storage; a PACS proposes it)."""
     paths = [write_dataset(ds, directory / f"{ds.SOPInstanceUID}.dcm") for ds in datasets]
-    done = subprocess.run(["storescu", "-R", "-aet", SCU_AET, "-aec", NODE_AET, "-to", "20", "-ta", "20",
+    done = subprocess.run(["storescu", "-R", "-aet", SCU_AET, "-aec", called_aet, "-to", "20", "-ta", "20",
                            "-td", "20", "127.0.0.1", str(port), *map(str, paths)],
                           capture_output=True, text=True, timeout=60)
     return done.returncode, done.stdout + done.stderr
@@ -176,6 +177,50 @@ def test_a_lesion_seg_after_or_before_its_photo_gives_the_lesion_sr(
     assert code == 0, text
     assert other.SOPInstanceUID not in {j.sop_instance_uid for j in node.jobs()}
     assert "event=intake.segmentation_ignored" in node.log_text()
+    assert node.stop() == 0
+    assert_no_patient_data(node.log_text())
+
+
+def test_orthanc_forwards_a_lesion_seg_drawn_on_a_photo_and_nothing_else(
+        running_orthanc: Orthanc, node_factory, node_port: int, small_model_dir: Path, tmp_path: Path) -> None:
+    """The shipped Orthanc rule (config/orthanc/route-photos.lua): a lesion painted on a photo and stored
+    to Orthanc reaches the node and comes back as the lesion SR; a lesion-labelled SEG of a CT and a
+    copy of the node's own SEG stored by another AE title (only the Manufacturer guard stops it) stay in
+    Orthanc."""
+    orthanc = running_orthanc
+    node = node_factory(node_config(tmp_path / "data", small_model_dir, node_port, orthanc.dicom_port,
+                                    worker={"runtime": "eager"}))
+    node.start()
+    photo = make_vl_photo(synthetic_rgb(ROWS, COLUMNS), **SECRET_PATIENT)
+    assert storescu(write_photos([photo], tmp_path / "in"), orthanc.dicom_port, called_aet=PACS_AET).returncode == 0
+    ours = wait_until(lambda: instances(orthanc, photo).get(SegmentationStorage), BUDGET_S, "our body-part SEG")[0]
+
+    # lesion-labelled: the node would take it, were it forwarded (copied: highdicom shares the
+    # source's data elements, so changing them in place would change that photo too)
+    of_a_ct = copy.deepcopy(lesion_seg(make_vl_photo(synthetic_rgb(ROWS, COLUMNS), **SECRET_PATIENT)))
+    for series in of_a_ct.ReferencedSeriesSequence:
+        for item in series.ReferencedInstanceSequence:
+            item.ReferencedSOPClassUID = CTImageStorage
+    own_copy = read(orthanc.download(orthanc.post("/tools/find", {
+        "Level": "Instance", "Query": {"SOPInstanceUID": ours.SOPInstanceUID}})[0]))
+    own_copy.SOPInstanceUID = own_copy.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    lesion = lesion_seg(photo)
+    code, text = send([of_a_ct, own_copy], orthanc.dicom_port, tmp_path / "not-forwarded", called_aet=PACS_AET)
+    assert code == 0, text
+    code, text = send([lesion], orthanc.dicom_port, tmp_path / "forwarded", called_aet=PACS_AET)
+    assert code == 0, text
+
+    sr = wait_until(lambda: lesion_sr(orthanc, photo), BUDGET_S, "the lesion SR of the SEG stored to Orthanc")
+    assert {photo.SOPInstanceUID, ours.SOPInstanceUID, lesion.SOPInstanceUID} <= uids_in(sr)
+    jobs = node.wait_jobs_final(2, BUDGET_S)
+    assert {j.kind for j in jobs} == {JobKind.PHOTO, JobKind.LESION}, [(j.id, j.kind, j.state) for j in jobs]
+
+    def orthanc_jobs_done() -> bool:
+        return all(orthanc.get(f"/jobs/{job}")["State"] in ("Success", "Failure") for job in orthanc.get("/jobs"))
+
+    wait_until(orthanc_jobs_done, BUDGET_S, "Orthanc's forwarding jobs to end")
+    log = node.log_text()
+    assert of_a_ct.SOPInstanceUID not in log and own_copy.SOPInstanceUID not in log, "forwarded what it should not"
     assert node.stop() == 0
     assert_no_patient_data(node.log_text())
 
