@@ -394,6 +394,10 @@ class WorkerSettings(_Section):
         default=DEFAULT_MAX_RSS_MIB, gt=0,
         description="auto takes a faster runtime only if a worker running it stays within this resident size "
                     "(MiB) or within eager fp32's, whichever is larger (measured once with the check)")
+    recycle_rss_mib: float = Field(
+        default=3072, ge=0,
+        description="a worker whose resident size exceeds this (MiB) after a job exits and is replaced by a fresh "
+                    "one (not counted as a death): months of photos cannot grow a worker without bound; 0: never")
     max_attempts: int = Field(
         default=3, ge=1,
         description="tries of one photo whose processing fails for the machine's sake (disk, memory) or whose "

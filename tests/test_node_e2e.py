@@ -341,3 +341,27 @@ def test_stages_hand_over_at_once_even_with_long_polls(
     started = time.monotonic()
     assert node.stop(timeout_s=30) == 0
     assert time.monotonic() - started < 15, "idle workers and dispatchers wake up to stop"
+
+
+def test_a_worker_that_outgrows_its_memory_limit_is_replaced_between_jobs(
+    running_orthanc: Orthanc, node_factory, node_port: int, small_model_dir: Path, tmp_path: Path
+) -> None:
+    """``worker.recycle_rss_mib``: a worker above it after a job exits and a fresh one takes the next
+    photo at once; no job is charged, no death counted (deaths_before_not_ready = 1 would say so)."""
+    config = node_config(tmp_path / "data", small_model_dir, node_port, running_orthanc.dicom_port,
+                         worker={"recycle_rss_mib": 1, "deaths_before_not_ready": 1, "runtime": "eager"})
+    node = node_factory(config)
+    health = node.start().health()
+    (first_pid,) = [w["pid"] for w in health["workers"].values()]
+    photos = [make_vl_photo(synthetic_rgb(64, 96)) for _ in range(3)]
+    assert storescu(write_photos(photos, tmp_path / "in"), node.port).returncode == 0
+    jobs = node.wait_jobs_final(3, 3 * PARSE_BUDGET_S)
+    assert [(j.state.value, j.attempts) for j in jobs] == [("done", 1)] * 3, [(j.id, j.state, j.reason) for j in jobs]
+    # the third worker left after its job ended; the supervisor notices within a tick
+    log = wait_until(lambda: (text := node.log_text()).count("event=worker.recycled") == 3 and text, 30,
+                     "the third worker to be replaced")
+    assert log.count("event=worker.recycling") == 3, log[-3000:]
+    assert "event=worker.died" not in log
+    health = wait_until(lambda: (h := node.health()) and h.get("ready") and h, 60, "a ready node with a fresh worker")
+    assert all(w["pid"] != first_pid for w in health["workers"].values())
+    assert node.stop() == 0

@@ -6,6 +6,8 @@
 * No worker is started while ``model_dir`` lacks a model (the node started without one, or it is
   still downloading): the node says "no model" and how to install it, and starts the workers the
   moment both files are there.
+* A worker whose resident size passed ``worker.recycle_rss_mib`` after a job exits with a code of
+  its own and is replaced at once: no death, no backoff, no attempt charged.
 * A worker that cannot load the model exits with a code of its own; the model is tried again every
   ``worker.model_retry_interval_s``, or at once when the files change (an administrator fixing them
   needs no restart).
@@ -44,7 +46,14 @@ from dicom_node.model.presence import Signature, model_signature, no_model_messa
 from dicom_node.monitor.health import Health
 from dicom_node.monitor.metrics import StageMetrics
 from dicom_node.pipeline.lesion import expire_waiting
-from dicom_node.pipeline.worker import EXIT_MODEL_UNAVAILABLE, MessageKind, WorkerMessage, WorkerSetup, worker_main
+from dicom_node.pipeline.worker import (
+    EXIT_MODEL_UNAVAILABLE,
+    EXIT_RECYCLE,
+    MessageKind,
+    WorkerMessage,
+    WorkerSetup,
+    worker_main,
+)
 from dicom_node.queue.doorbell import Doorbells, join_ringing
 from dicom_node.queue.job import PROCESSING_STATES, Job
 from dicom_node.queue.owners import node_owners, worker_owner
@@ -80,6 +89,7 @@ class _PendingRelease:
     owner: str
     reason: str
     since: float  # time.monotonic() of the first failed try
+    charge: bool = True  # counted as an attempt of the jobs (False: a recycled worker's)
 
 
 class WorkerPool:
@@ -233,6 +243,8 @@ class WorkerPool:
                 slot.next_start = now + self.settings.model_retry_interval_s
                 slot.failed_model = slot.loading
                 self.health.set_worker(f"worker-{slot.index}", pid=None, state="waiting for the model")
+            elif code == EXIT_RECYCLE:
+                self._recycled(slot, now)
             else:
                 self._record_death(slot, code, now)
         if slot.process is not None or self._stopping.is_set() or self._model is None:
@@ -262,6 +274,15 @@ class WorkerPool:
             self.health.set_problem(PROBLEM_MODEL, "the workers are loading the model", log_now=False)
         self._model = model
 
+    def _recycled(self, slot: _Slot, now: float) -> None:
+        """A worker that outgrew ``worker.recycle_rss_mib`` left between jobs: no death, no backoff,
+        a fresh one at once. It held no job; should it have, the job goes back uncharged."""
+        released = self._release(slot.owner, f"worker {slot.index} recycled", charge=False)
+        slot.next_start = now
+        log.info(fields(event="worker.recycled", slot=slot.index,
+                        released_jobs=len(released) if released is not None else "pending"))
+        self.health.set_worker(f"worker-{slot.index}", pid=None, state="restarting", last_exit_code=EXIT_RECYCLE)
+
     def _record_death(self, slot: _Slot, code: int | None, now: float) -> None:
         reason = f"worker {slot.index} died (exit code {code})"
         released = self._release(slot.owner, reason)
@@ -278,13 +299,14 @@ class WorkerPool:
 
     # ------------------------------------------------------------------ releasing a gone worker's jobs
 
-    def _release(self, owner: str, reason: str) -> list[Job] | None:
-        """Release what ``owner`` (a gone worker) holds, charged as a worker death. None when the
-        job store refused the write: the release is then kept and retried on every monitor tick."""
+    def _release(self, owner: str, reason: str, charge: bool = True) -> list[Job] | None:
+        """Release what ``owner`` (a gone worker) holds, charged as a worker death unless ``charge`` is
+        False. None when the job store refused the write: the release is then kept and retried on
+        every monitor tick."""
         try:
-            released = self.store.release_owner(owner, reason, self.settings.max_attempts)
+            released = self.store.release_owner(owner, reason, self.settings.max_attempts, charge=charge)
         except Exception as exc:  # disk full, store locked: its jobs must not stay held for good
-            self._pending_releases.setdefault(owner, _PendingRelease(owner, reason, time.monotonic()))
+            self._pending_releases.setdefault(owner, _PendingRelease(owner, reason, time.monotonic(), charge))
             self._release_failed(exc)
             return None
         self._pending_releases.pop(owner, None)
@@ -299,7 +321,7 @@ class WorkerPool:
 
     def _retry_releases(self) -> None:
         for pending in list(self._pending_releases.values()):
-            released = self._release(pending.owner, pending.reason)
+            released = self._release(pending.owner, pending.reason, pending.charge)
             if released is None:
                 return  # the store still refuses; next tick
             log.info(fields(event="worker.jobs_released", owner=pending.owner, released_jobs=len(released),

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
+from dicom_node.allocator import resident_mib
 from dicom_node.config import LesionSettings, WorkerSettings
 from dicom_node.decode.supported import DecodeLimits
 from dicom_node.encode.options import EncodeOptions
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 EXIT_STOPPED = 0
 EXIT_MODEL_UNAVAILABLE = 3  # the model cannot load: retrying at once would fail the same way
+EXIT_RECYCLE = 4  # resident size above worker.recycle_rss_mib after a job: replace me at once, no death
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,7 @@ def worker_main(setup: WorkerSetup, slot: int, owner: str, messages: Connection,
     poll_s = setup.settings.poll_interval_s
     idle = IdleWait(doorbells.photo_received, poll_s)
     claim_failing_since: float | None = None  # an outage of the store is logged once, and its end
+    recycle = False
     log.info(fields(event="worker.started", slot=slot, pid=os.getpid(), owner=owner))
     try:
         # The stop pipe is readable only at EOF: the node closed its end, or died.
@@ -171,7 +174,28 @@ def worker_main(setup: WorkerSetup, slot: int, owner: str, messages: Connection,
                 doorbells.results_ready.ring()
             if finished is not None and finished.parse_s is not None and finished.state in parsed_states:
                 _send(messages, WorkerMessage(MessageKind.PARSED, slot, os.getpid(), repr(finished.parse_s)))
+            if _outgrown(setup.settings.recycle_rss_mib, slot):
+                recycle = True
+                break
     finally:
         store.close()
         log.info(fields(event="worker.stopped", slot=slot, pid=os.getpid()))
-    sys.exit(EXIT_STOPPED)
+    sys.exit(EXIT_RECYCLE if recycle else EXIT_STOPPED)
+
+
+def _outgrown(limit_mib: float, slot: int) -> bool:
+    """Between jobs (never with one in hand): is this worker's resident size above ``limit_mib``?
+
+    A worker keeps the memory it freed for reuse (dicom_node/allocator.py), so its resident size
+    is its high-water mark: about 1.1 GiB for the full model at 12 MP (README). Whatever grows it
+    beyond that over months (a leak in a library, one huge photo's buffers) is given back by
+    exiting; the supervisor starts a fresh worker at once, as Celery's ``max_memory_per_child``
+    and gunicorn's ``max_requests`` recycle theirs."""
+    if not limit_mib:
+        return False
+    rss = resident_mib()
+    if rss is None or rss <= limit_mib:
+        return False
+    log.info(fields(event="worker.recycling", slot=slot, pid=os.getpid(), rss_mib=round(rss),
+                    limit_mib=round(limit_mib)))
+    return True
