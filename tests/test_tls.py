@@ -332,6 +332,38 @@ def test_echo_command_reaches_tls_destinations_and_verifies_them(setup: TlsSetup
     assert "Traceback" not in no_cert.stderr
 
 
+def test_send_command_stores_over_tls_by_destination_name_and_by_address(setup: TlsSetup, tmp_path: Path) -> None:
+    """``dicom-node send``: to a configured destination with its TLS files (as the dispatcher), and to
+    HOST:PORT with --tls-ca/--tls-cert/--tls-key; the TLS storescp receives both. A certificate from
+    another CA and plain TCP to a TLS port fail with a reason and no traceback."""
+    def send(path: Path, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([PYTHON, "-m", "dicom_node", "send", str(path), "--config", str(setup.node.config_path),
+                               "--timeout", "10", *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+
+    by_name, by_name_uid = photo_file(tmp_path / "by-name")
+    done = send(by_name, "--to", "tlspacs")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "sent 1 of 1" in done.stdout and "over TLS" in done.stdout, done.stdout
+    by_address, by_address_uid = photo_file(tmp_path / "by-address")
+    client = setup.modality_a
+    done = send(by_address, "--to", f"127.0.0.1:{setup.pacs.port}", "--aet", setup.pacs.aet,
+                "--tls-ca", str(setup.pki.ca), "--tls-cert", str(client.cert), "--tls-key", str(client.key))
+    assert done.returncode == 0, done.stdout + done.stderr
+    received = {str(pydicom.dcmread(p).SOPInstanceUID) for p in setup.pacs.files()}
+    assert {by_name_uid, by_address_uid} <= received
+
+    refused, _ = photo_file(tmp_path / "refused")
+    wrong_ca = send(refused, "--to", "wrongca")
+    assert wrong_ca.returncode == 1 and "certificate verify failed" in wrong_ca.stderr, wrong_ca.stderr
+    plain = send(refused, "--to", f"127.0.0.1:{setup.pacs.port}", "--aet", setup.pacs.aet)
+    assert plain.returncode == 1 and "cannot connect" in plain.stderr, plain.stdout + plain.stderr
+    for done in (wrong_ca, plain):
+        assert "Traceback" not in done.stderr
+    usage = send(refused, "--to", f"127.0.0.1:{setup.pacs.port}", "--aet", setup.pacs.aet,
+                 "--tls-cert", str(client.cert), "--tls-key", str(client.key))
+    assert usage.returncode == 2 and "--tls-cert needs --tls-ca" in usage.stderr
+
+
 # --------------------------------------------------------------------------- refusals
 
 

@@ -168,12 +168,21 @@ def _add_node_commands(sub: argparse._SubParsersAction) -> None:
                     help="postgresql://user@host:port/dbname; a password is best given in $PGPASSWORD or ~/.pgpass")
     _add_config_arg(jm)
 
-    n = sub.add_parser("send", help="C-STORE DICOM files to a peer (a small SCU for demos and tests)")
+    n = sub.add_parser("send", help="C-STORE DICOM files to a configured DIMSE destination (by name, over TLS "
+                                    "where it says so) or HOST:PORT (a small SCU for demos and tests)")
     n.add_argument("files", nargs="+", type=Path, help="DICOM files or directories (searched recursively)")
-    n.add_argument("--to", required=True, metavar="HOST:PORT", help="the peer's address and DICOM port")
-    n.add_argument("--aet", required=True, help="called AE title")
-    n.add_argument("--calling-aet", default="DICOM_NODE_SCU", help="our AE title (default %(default)s)")
+    n.add_argument("--to", required=True, metavar="DESTINATION|HOST:PORT",
+                   help="a destination name from the configuration, or the peer's address and DICOM port")
+    n.add_argument("--aet", default=None, help="called AE title (required with HOST:PORT)")
+    n.add_argument("--calling-aet", default=None,
+                   help="our AE title (default: the node's ae_title to a destination, DICOM_NODE_SCU to HOST:PORT)")
     n.add_argument("--timeout", type=float, default=30.0, help="seconds (default %(default)s)")
+    n.add_argument("--tls-ca", type=Path, default=None, metavar="PEM",
+                   help="with HOST:PORT: speak DICOM TLS, trusting these CA certificates for the peer's")
+    n.add_argument("--tls-cert", type=Path, default=None, metavar="PEM",
+                   help="with --tls-ca: our client certificate (peers that require one), with --tls-key")
+    n.add_argument("--tls-key", type=Path, default=None, metavar="PEM", help="the private key of --tls-cert")
+    _add_config_arg(n)
 
 
 # command -> (module of this package, its entry point); imported only when that command runs, so
