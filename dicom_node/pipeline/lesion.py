@@ -6,7 +6,7 @@ Whichever arrives first:
   ``parsing.npz`` beside the photo's results (:func:`save_parsing`; lossless, compressed; deleted by
   retention with the rest of the photo's files). No second network run is ever needed;
 * a lesion job is claimed only once that parsing exists (the job store's claim looks at the photo's
-  job, see ``_RUNNABLE`` in :mod:`dicom_node.queue.sqlite_store`): a SEG sent after its photo is
+  job, see ``RUNNABLE`` in :mod:`dicom_node.queue.sql_store`): a SEG sent after its photo is
   processed at once, one sent before waits in RECEIVED, and the worker that finishes the photo
   claims again right after, which finds it;
 * a lesion job still waiting after ``lesion.wait_for_photo_h`` is failed with the reason by the

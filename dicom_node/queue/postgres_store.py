@@ -20,48 +20,28 @@ each guarantee is kept with what PostgreSQL offers:
   A lost or unreachable server raises :class:`JobStoreUnavailableError`, as a locked SQLite file
   does, and the next call connects again.
 
-The SQL shared with the SQLite store (the job columns, what makes a lesion job runnable, the
-indexes) is imported from :mod:`dicom_node.queue.sqlite_store`, so the two cannot drift apart.
+Every transition is :class:`~dicom_node.queue.sql_store.SqlJobStore`'s, shared with the SQLite
+store statement for statement, so the two cannot drift apart; this module adds the connections,
+the row locks (``FOR UPDATE``, ``SKIP LOCKED``), ``NOTIFY`` and the schema.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
 from dicom_node.config import mask_url
-from dicom_node.queue.job import (
-    FINAL_STATES,
-    PROCESSING_STATES,
-    Job,
-    JobEvent,
-    JobKind,
-    JobState,
-    NewJob,
-    ResultKind,
-    ResultObject,
-)
 from dicom_node.queue.notify import CHANNEL_RECEIVED, CHANNEL_RESULTS
-from dicom_node.queue.sqlite_store import _INDEXES, _JOB_COLUMNS, _RUNNABLE
-from dicom_node.queue.store import (
-    MAX_ATTEMPTS,
-    PROCESSING_LEASE_S,
-    JobNotFoundError,
-    JobStore,
-    JobStoreUnavailableError,
-    StaleJobError,
-    lease_expired,
-    takeover_reason,
-)
+from dicom_node.queue.sql_store import INDEXES, JOB_COLUMNS, SqlJobStore
+from dicom_node.queue.store import JobStoreUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +113,7 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {}
 
 # What `jobs migrate` copies, in an order the foreign keys accept: every column of every table.
 COPIED_TABLES: tuple[tuple[str, str], ...] = (
-    ("jobs", _JOB_COLUMNS + ", lease_until"),
+    ("jobs", JOB_COLUMNS + ", lease_until"),
     ("job_results", "job_id, kind, sop_class_uid, sop_instance_uid, transfer_syntax_uid, path, position"),
     ("deliveries", "job_id, destination, sop_instance_uid, delivered_at"),
     ("job_events", "id, job_id, at, from_state, to_state, reason"),
@@ -146,25 +126,13 @@ class TargetNotEmptyError(RuntimeError):
     """``jobs migrate`` into a store that already holds jobs (merging two queues is not a copy)."""
 
 
-def _like_prefix(prefix: str) -> str:
-    """A LIKE pattern matching what starts with ``prefix`` (its own % and _ taken literally)."""
-    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-
-
-def _to_job(row: Sequence[Any], results: tuple[ResultObject, ...], deliveries: frozenset[tuple[str, str]]) -> Job:
-    """A row of ``_JOB_COLUMNS`` with its results and deliveries as a :class:`Job`."""
-    return Job(
-        id=row[0], sop_instance_uid=row[1], sop_class_uid=row[2], transfer_syntax_uid=row[3], calling_ae=row[4],
-        calling_host=row[5], photo_path=row[6], state=JobState(row[7]), attempts=row[8], dispatch_attempts=row[9],
-        not_before=row[10], owner=row[11], reason=row[12], destinations=tuple(json.loads(row[13])), rule=row[14],
-        parse_s=row[15], received_at=row[16], updated_at=row[17], dispatching_since=row[18],
-        files_purged_at=row[19], results=results, deliveries=deliveries, kind=JobKind(row[20]),
-        source_uid=row[21], study_uid=row[22],
-    )
-
-
-class PostgresJobStore(JobStore):
+class PostgresJobStore(SqlJobStore):
     """:class:`JobStore` in a PostgreSQL database (its tables created at first start)."""
+
+    # Every read before a write locks its rows, and only then checks owner and state: a late write by a
+    # worker that lost the job waits for the change that took it away and is then refused.
+    _LOCK = " FOR UPDATE"
+    _SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"
 
     def __init__(self, url: str, clock: Callable[[], float] = time.time) -> None:
         """``url``: a libpq connection URI (``postgresql://user@host:5432/dbname``); a password not in
@@ -205,7 +173,7 @@ class PostgresJobStore(JobStore):
                         db.execute(statement)
                 db.execute("UPDATE meta SET value = %s WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
                 log.info("job store %s migrated from schema %s to %s", self.url_for_logs, row[0], SCHEMA_VERSION)
-            for statement in _INDEXES:
+            for statement in INDEXES:
                 db.execute(statement)
 
     # ------------------------------------------------------------------ connections
@@ -278,402 +246,18 @@ class PostgresJobStore(JobStore):
                     pass
             self._connections.clear()
 
-    # ------------------------------------------------------------------ rows
+    def _reading(self) -> AbstractContextManager[_Connection]:
+        return self._transaction()
 
-    @staticmethod
-    def _jobs(db: _Connection, rows: Sequence[Sequence[Any]]) -> list[Job]:
-        """Rows of ``_JOB_COLUMNS`` as jobs, their results and deliveries read in two queries for all."""
-        if not rows:
-            return []
-        ids = [row[0] for row in rows]
-        results: dict[int, list[ResultObject]] = {job_id: [] for job_id in ids}
-        for r in db.execute(
-            "SELECT job_id, kind, sop_class_uid, sop_instance_uid, transfer_syntax_uid, path FROM job_results "
-            "WHERE job_id = ANY(%s) ORDER BY job_id, position", (ids,)
-        ):
-            results[r[0]].append(ResultObject(kind=ResultKind(r[1]), sop_class_uid=r[2], sop_instance_uid=r[3],
-                                              transfer_syntax_uid=r[4], path=r[5]))
-        deliveries: dict[int, set[tuple[str, str]]] = {job_id: set() for job_id in ids}
-        for r in db.execute("SELECT job_id, destination, sop_instance_uid FROM deliveries WHERE job_id = ANY(%s)",
-                            (ids,)):
-            deliveries[r[0]].add((r[1], r[2]))
-        return [_to_job(row, tuple(results[row[0]]), frozenset(deliveries[row[0]])) for row in rows]
+    def _run(self, db: _Connection, sql: str, args: Sequence[object] = ()) -> Any:
+        # psycopg's placeholders are %s; the shared statements hold no literal ? or %
+        return db.execute(sql.replace("?", "%s"), args)
 
-    def _select(self, db: _Connection, where: str, args: Sequence[object] = (), tail: str = "") -> list[Job]:
-        rows = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE {where} {tail}", args).fetchall()
-        return self._jobs(db, rows)
+    def _received(self, db: _Connection) -> None:
+        db.execute(f"NOTIFY {CHANNEL_RECEIVED}")  # delivered on commit: every node's workers wake
 
-    def _load(self, db: _Connection, job_id: int, lock: bool = False) -> Job:
-        """One job; ``lock``: hold its row until the transaction ends (every read before a write)."""
-        found = self._select(db, "id = %s", (job_id,), "FOR UPDATE" if lock else "")
-        if not found:
-            raise JobNotFoundError(job_id)
-        return found[0]
-
-    @staticmethod
-    def _event(db: _Connection, job_id: int, at: float, from_state: JobState | None, to_state: JobState,
-               reason: str | None) -> None:
-        db.execute(
-            "INSERT INTO job_events (job_id, at, from_state, to_state, reason) VALUES (%s, %s, %s, %s, %s)",
-            (job_id, at, from_state.value if from_state else None, to_state.value, reason),
-        )
-
-    def _owned(self, db: _Connection, job_id: int, owner: str, states: Iterable[JobState]) -> Job:
-        """The job, locked, when ``owner`` holds it in one of ``states``; else :class:`StaleJobError`."""
-        job = self._load(db, job_id, lock=True)
-        allowed = set(states)
-        if job.owner != owner or job.state not in allowed:
-            raise StaleJobError(
-                f"job {job_id} is {job.state.value} held by {job.owner or 'nobody'}, not "
-                f"{'/'.join(sorted(s.value for s in allowed))} held by {owner}"
-            )
-        return job
-
-    def _move(self, db: _Connection, job: Job, to_state: JobState, event_reason: str | None, now: float,
-              **columns: object) -> Job:
-        """Update one (locked) job's state and columns, write its history line, return the new record."""
-        assignments = ["state = %s", "updated_at = %s"]
-        values: list[object] = [to_state.value, now]
-        for column, value in columns.items():
-            assignments.append(f"{column} = %s")
-            values.append(value)
-        db.execute(f"UPDATE jobs SET {', '.join(assignments)} WHERE id = %s", (*values, job.id))
-        self._event(db, job.id, now, job.state, to_state, event_reason)
-        return self._load(db, job.id)
-
-    # ------------------------------------------------------------------ intake
-
-    def add_received(self, new: NewJob) -> tuple[Job, bool]:
-        now = self._clock()
-        with self._transaction() as db:
-            # A second node receiving the same SOP Instance waits on the unique index for the first
-            # one's commit, then does nothing and reads the committed job.
-            inserted = db.execute(
-                "INSERT INTO jobs (sop_instance_uid, sop_class_uid, transfer_syntax_uid, calling_ae, calling_host, "
-                "photo_path, state, received_at, updated_at, kind, source_uid) "
-                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
-                "ON CONFLICT (sop_instance_uid) DO NOTHING RETURNING id",
-                (new.sop_instance_uid, new.sop_class_uid, new.transfer_syntax_uid, new.calling_ae, new.calling_host,
-                 new.photo_path, JobState.RECEIVED.value, now, now, JobKind(new.kind).value, new.source_uid),
-            ).fetchone()
-            if inserted is not None:
-                self._event(db, inserted[0], now, None, JobState.RECEIVED, None)
-                db.execute(f"NOTIFY {CHANNEL_RECEIVED}")  # delivered on commit: every node's workers wake
-                job = self._load(db, inserted[0])
-            else:
-                (job,) = self._select(db, "sop_instance_uid = %s", (new.sop_instance_uid,))
-        if inserted is not None:
-            self.log_transition(job, None, None)
-        return job, inserted is not None
-
-    # ------------------------------------------------------------------ reading
-
-    def get(self, job_id: int) -> Job:
-        with self._transaction() as db:
-            return self._load(db, int(job_id))
-
-    def find(self, sop_instance_uid: str) -> Job | None:
-        with self._transaction() as db:
-            found = self._select(db, "sop_instance_uid = %s", (sop_instance_uid,))
-        return found[0] if found else None
-
-    def list_jobs(self, states: Iterable[JobState] | None = None, limit: int = 100) -> list[Job]:
-        with self._transaction() as db:
-            if states is None:
-                return self._select(db, "TRUE", (limit,), "ORDER BY id DESC LIMIT %s")
-            wanted = [JobState(s).value for s in states]
-            return self._select(db, "state = ANY(%s)", (wanted, limit), "ORDER BY id DESC LIMIT %s")
-
-    def history(self, job_id: int) -> list[JobEvent]:
-        with self._transaction() as db:
-            rows = db.execute(
-                "SELECT job_id, at, from_state, to_state, reason FROM job_events WHERE job_id = %s ORDER BY id",
-                (job_id,),
-            ).fetchall()
-        return [JobEvent(r[0], r[1], JobState(r[2]) if r[2] else None, JobState(r[3]), r[4]) for r in rows]
-
-    def counts(self) -> dict[JobState, int]:
-        out = {state: 0 for state in JobState}
-        with self._transaction() as db:
-            for state, count in db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
-                out[JobState(state)] = count
-        return out
-
-    # ------------------------------------------------------------------ processing
-
-    def claim_for_processing(self, owner: str, now: float | None = None, lease_s: float = PROCESSING_LEASE_S,
-                             max_attempts: int = MAX_ATTEMPTS) -> Job | None:
-        now = self._clock() if now is None else now
-        transitions: list[tuple[Job, JobState, str | None]] = []
-        claimed: Job | None = None
-        with self._transaction() as db:
-            while claimed is None:
-                # SKIP LOCKED: a job another node is claiming, or whose holder is renewing its lease
-                # right now, is passed over; the holder's renewal and a take-over never both land.
-                row = db.execute(
-                    f"SELECT id FROM jobs WHERE (state = %s AND (not_before IS NULL OR not_before <= %s) "
-                    f"AND {_RUNNABLE}) OR (state = ANY(%s) AND lease_until < %s) "
-                    "ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED",
-                    (JobState.RECEIVED.value, now, [JobState.PARSING.value, JobState.ENCODING.value], now),
-                ).fetchone()
-                if row is None:
-                    break
-                job = self._load(db, row[0])
-                if job.state != JobState.RECEIVED:  # its holder's lease ran out: presumed dead
-                    previous, why = job.state, takeover_reason(job.owner, owner)
-                    if job.attempts >= max_attempts:
-                        why = f"{lease_expired(job.owner)}; gave up after {job.attempts} attempts"
-                        job = self._move(db, job, JobState.FAILED, why, now, owner=None, lease_until=None, reason=why)
-                        transitions.append((job, previous, why))
-                        continue
-                    job = self._move(db, job, JobState.RECEIVED, why, now, owner=None, lease_until=None, reason=why)
-                    transitions.append((job, previous, why))
-                claimed = self._move(db, job, JobState.PARSING, None, now, owner=owner, attempts=job.attempts + 1,
-                                     not_before=None, lease_until=now + lease_s, reason=None)
-                transitions.append((claimed, JobState.RECEIVED, None))
-        for moved, from_state, note in transitions:
-            self.log_transition(moved, from_state, note)
-        return claimed
-
-    def renew_lease(self, job_id: int, owner: str, lease_s: float, now: float | None = None) -> float:
-        now = self._clock() if now is None else now
-        with self._transaction() as db:
-            self._owned(db, job_id, owner, PROCESSING_STATES)
-            db.execute("UPDATE jobs SET lease_until = %s WHERE id = %s", (now + lease_s, job_id))
-        return now + lease_s
-
-    def set_route(self, job_id: int, owner: str, rule: str | None, destinations: Sequence[str],
-                  study_uid: str | None = None) -> Job:
-        with self._transaction() as db:
-            self._owned(db, job_id, owner, PROCESSING_STATES)
-            db.execute("UPDATE jobs SET rule = %s, destinations = %s, study_uid = COALESCE(%s, study_uid), "
-                       "updated_at = %s WHERE id = %s",
-                       (rule, json.dumps(list(destinations)), study_uid, self._clock(), job_id))
-            return self._load(db, job_id)
-
-    def advance(self, job_id: int, owner: str, to_state: JobState, reason: str | None = None) -> Job:
-        if to_state not in (JobState.ENCODING, JobState.DONE):
-            raise ValueError(f"advance() moves to encoding or done, not {to_state.value}")
-        now = self._clock()
-        with self._transaction() as db:
-            job = self._owned(db, job_id, owner, PROCESSING_STATES)
-            previous = job.state
-            release = {"owner": None, "lease_until": None} if to_state == JobState.DONE else {}
-            job = self._move(db, job, to_state, reason, now, reason=reason, **release)
-        self.log_transition(job, previous, reason)
-        return job
-
-    def finish_encoding(self, job_id: int, owner: str, results: Sequence[ResultObject],
-                        parse_s: float | None) -> Job:
-        now = self._clock()
-        with self._transaction() as db:
-            job = self._owned(db, job_id, owner, {JobState.ENCODING})
-            db.execute("DELETE FROM job_results WHERE job_id = %s", (job_id,))
-            db.execute("DELETE FROM deliveries WHERE job_id = %s", (job_id,))
-            for position, result in enumerate(results):
-                db.execute(
-                    "INSERT INTO job_results (job_id, kind, sop_class_uid, sop_instance_uid, transfer_syntax_uid, "
-                    "path, position) VALUES (%s, %s, %s, %s, %s, %s, %s)",
-                    (job_id, ResultKind(result.kind).value, result.sop_class_uid, result.sop_instance_uid,
-                     result.transfer_syntax_uid, result.path, position),
-                )
-            job = self._move(db, job, JobState.DISPATCHING, None, now, owner=None, lease_until=None,
-                             not_before=None, dispatch_attempts=0, parse_s=parse_s, reason=None,
-                             dispatching_since=now)
-            db.execute(f"NOTIFY {CHANNEL_RESULTS}")  # delivered on commit: every node's dispatcher wakes
-        self.log_transition(job, JobState.ENCODING, None)
-        return job
-
-    def requeue(self, job_id: int, owner: str, reason: str, not_before: float | None = None) -> Job:
-        now = self._clock()
-        with self._transaction() as db:
-            job = self._owned(db, job_id, owner, PROCESSING_STATES)
-            previous = job.state
-            job = self._move(db, job, JobState.RECEIVED, reason, now, owner=None, lease_until=None,
-                             not_before=not_before, reason=reason)
-        self.log_transition(job, previous, reason)
-        return job
-
-    def fail(self, job_id: int, reason: str, owner: str | None = None) -> Job:
-        now = self._clock()
-        with self._transaction() as db:
-            job = self._load(db, job_id, lock=True)
-            if owner is not None:
-                job = self._owned(db, job_id, owner, set(JobState) - {JobState.DONE, JobState.FAILED})
-            previous = job.state
-            job = self._move(db, job, JobState.FAILED, reason, now, owner=None, lease_until=None, reason=reason)
-        self.log_transition(job, previous, reason)
-        return job
-
-    # ------------------------------------------------------------------ dispatch
-
-    def claim_for_dispatch(self, owner: str, lease_s: float, now: float | None = None) -> Job | None:
-        now = self._clock() if now is None else now
-        with self._transaction() as db:
-            row = db.execute(
-                "SELECT id FROM jobs WHERE state = %s AND (not_before IS NULL OR not_before <= %s) "
-                "AND (owner IS NULL OR lease_until IS NULL OR lease_until < %s) "
-                "ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED",
-                (JobState.DISPATCHING.value, now, now),
-            ).fetchone()
-            if row is None:
-                return None
-            db.execute("UPDATE jobs SET owner = %s, lease_until = %s WHERE id = %s", (owner, now + lease_s, row[0]))
-            return self._load(db, row[0])
-
-    def record_delivery(self, job_id: int, owner: str, destination: str, sop_instance_uid: str) -> None:
-        with self._transaction() as db:
-            self._owned(db, job_id, owner, {JobState.DISPATCHING})
-            db.execute(
-                "INSERT INTO deliveries (job_id, destination, sop_instance_uid, delivered_at) "
-                "VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                (job_id, destination, sop_instance_uid, self._clock()),
-            )
-
-    def dispatch_succeeded(self, job_id: int, owner: str) -> Job:
-        now = self._clock()
-        with self._transaction() as db:
-            job = self._owned(db, job_id, owner, {JobState.DISPATCHING})
-            job = self._move(db, job, JobState.DONE, None, now, owner=None, lease_until=None, not_before=None,
-                             reason=None)
-        self.log_transition(job, JobState.DISPATCHING, None)
-        return job
-
-    def dispatch_failed(self, job_id: int, owner: str, reason: str, retry_at: float | None) -> Job:
-        now = self._clock()
-        with self._transaction() as db:
-            job = self._owned(db, job_id, owner, {JobState.DISPATCHING})
-            to_state = JobState.DISPATCHING if retry_at is not None else JobState.FAILED
-            job = self._move(db, job, to_state, reason, now, owner=None, lease_until=None, not_before=retry_at,
-                             dispatch_attempts=job.dispatch_attempts + 1, reason=reason)
-        self.log_transition(job, JobState.DISPATCHING, reason)
-        return job
-
-    # ------------------------------------------------------------------ recovery and people
-
-    def release_owner(self, owner_prefix: str, reason: str, max_attempts: int, charge: bool = True) -> list[Job]:
-        now = self._clock()
-        released: list[tuple[Job, JobState, str]] = []
-        with self._transaction() as db:
-            held = self._select(db, "owner LIKE %s ESCAPE '\\'", (_like_prefix(owner_prefix),),
-                                "ORDER BY id FOR UPDATE")
-            for job in held:
-                previous = job.state
-                if job.state in PROCESSING_STATES:
-                    if not charge:  # the claim counted this attempt; it was not the photo's doing
-                        why = f"{reason}; will continue (not counted as an attempt)"
-                        job = self._move(db, job, JobState.RECEIVED, why, now, owner=None, lease_until=None, reason=why,
-                                         attempts=max(0, job.attempts - 1))
-                    elif job.attempts >= max_attempts:
-                        why = f"{reason}; gave up after {job.attempts} attempts"
-                        job = self._move(db, job, JobState.FAILED, why, now, owner=None, lease_until=None, reason=why)
-                    else:
-                        why = f"{reason}; will try again (attempt {job.attempts} of {max_attempts} was cut short)"
-                        job = self._move(db, job, JobState.RECEIVED, why, now, owner=None, lease_until=None, reason=why)
-                    released.append((job, previous, why))
-                else:  # a dispatch lease is dropped (due when it was); a final state never keeps an owner
-                    db.execute("UPDATE jobs SET owner = NULL, lease_until = NULL WHERE id = %s", (job.id,))
-        for job, previous, why in released:
-            self.log_transition(job, previous, why)
-        return [job for job, _, _ in released]
-
-    def held_jobs(self, owner_prefix: str, states: Iterable[JobState] | None = None) -> list[Job]:
-        where = "owner LIKE %s ESCAPE '\\'"
-        args: list[object] = [_like_prefix(owner_prefix)]
-        if states is not None:
-            where += " AND state = ANY(%s)"
-            args.append([JobState(s).value for s in states])
-        with self._transaction() as db:
-            return self._select(db, where, args, "ORDER BY id")
-
-    def retry(self, job_id: int, reason: str = "retried by hand") -> Job:
-        now = self._clock()
-        with self._transaction() as db:
-            job = self._load(db, job_id, lock=True)
-            if job.state != JobState.FAILED:
-                raise StaleJobError(f"job {job_id} is {job.state.value}; only failed jobs can be retried")
-            if job.files_purged_at is not None:
-                raise StaleJobError(self.files_purged_message(job))
-            if job.results:
-                job = self._move(db, job, JobState.DISPATCHING, reason, now, owner=None, lease_until=None,
-                                 not_before=None, dispatch_attempts=0, reason=reason, dispatching_since=now)
-            else:
-                job = self._move(db, job, JobState.RECEIVED, reason, now, owner=None, lease_until=None,
-                                 not_before=None, attempts=0, reason=reason)
-        self.log_transition(job, JobState.FAILED, reason)
-        return job
-
-    # ------------------------------------------------------------------ lesion jobs
-
-    def waiting_lesion_jobs(self, waiting_since_before: float | None = None) -> list[Job]:
-        where = f"kind = %s AND state = %s AND NOT {_RUNNABLE}"
-        args: list[object] = [JobKind.LESION.value, JobState.RECEIVED.value]
-        if waiting_since_before is not None:
-            where += " AND updated_at <= %s"
-            args.append(waiting_since_before)
-        with self._transaction() as db:
-            return self._select(db, where, args, "ORDER BY id")
-
-    def study_lesion_jobs(self, study_uid: str) -> list[Job]:
-        where = ("kind = %s AND state IN (%s, %s) AND files_purged_at IS NULL "
-                 "AND source_uid IN (SELECT sop_instance_uid FROM jobs AS photo WHERE photo.kind = 'photo' "
-                 "AND photo.study_uid = %s AND photo.files_purged_at IS NULL)")
-        args = (JobKind.LESION.value, JobState.DISPATCHING.value, JobState.DONE.value, study_uid)
-        with self._transaction() as db:
-            return self._select(db, where, args, "ORDER BY id")
-
-    def fail_waiting(self, job_id: int, waiting_since_before: float, reason: str) -> Job | None:
-        now = self._clock()
-        with self._transaction() as db:
-            # Locked, and re-checked by PostgreSQL once a claim holding it commits: a lesion job
-            # claimed meanwhile (no longer RECEIVED) is not failed.
-            found = self._select(db, f"id = %s AND kind = %s AND state = %s AND updated_at <= %s AND NOT {_RUNNABLE}",
-                                 (job_id, JobKind.LESION.value, JobState.RECEIVED.value, waiting_since_before),
-                                 "FOR UPDATE")
-            if not found:
-                return None
-            job = self._move(db, found[0], JobState.FAILED, reason, now, owner=None, lease_until=None, reason=reason)
-        self.log_transition(job, JobState.RECEIVED, reason)
-        return job
-
-    # ------------------------------------------------------------------ retention
-
-    def jobs_with_files(self, states: Iterable[JobState] | None = None, ended_before: float | None = None,
-                        limit: int | None = None) -> list[Job]:
-        where = ["files_purged_at IS NULL"]
-        args: list[object] = []
-        if states is not None:
-            where.append("state = ANY(%s)")
-            args.append([JobState(s).value for s in states])
-        if ended_before is not None:
-            where.append("updated_at <= %s")
-            args.append(ended_before)
-        args.append(limit)  # LIMIT NULL: no limit
-        with self._transaction() as db:
-            return self._select(db, " AND ".join(where), args, "ORDER BY updated_at, id LIMIT %s")
-
-    def mark_files_purged(self, job_id: int, ended_before: float, note: str) -> Job | None:
-        now = self._clock()
-        with self._transaction() as db:
-            job = self._load(db, job_id, lock=True)
-            if job.state not in FINAL_STATES or job.files_purged_at is not None or job.updated_at > ended_before:
-                return None
-            # updated_at stays: it is when the job ended, which its record's own retention counts from
-            db.execute("UPDATE jobs SET files_purged_at = %s WHERE id = %s", (now, job_id))
-            self._event(db, job_id, now, job.state, job.state, note)
-            return self._load(db, job_id)
-
-    def forget_jobs(self, ended_before: float, limit: int = 500) -> list[int]:
-        with self._transaction() as db:
-            # SKIP LOCKED: a job a person is retrying right now is left for the next round.
-            ids = [row[0] for row in db.execute(
-                "SELECT id FROM jobs WHERE state = ANY(%s) AND files_purged_at IS NOT NULL AND updated_at <= %s "
-                "ORDER BY updated_at, id LIMIT %s FOR UPDATE SKIP LOCKED",
-                ([s.value for s in FINAL_STATES], ended_before, limit))]
-            for table in ("deliveries", "job_results", "job_events"):
-                db.execute(f"DELETE FROM {table} WHERE job_id = ANY(%s)", (ids,))
-            db.execute("DELETE FROM jobs WHERE id = ANY(%s)", (ids,))
-        return ids
+    def _results_ready(self, db: _Connection) -> None:
+        db.execute(f"NOTIFY {CHANNEL_RESULTS}")  # delivered on commit: every node's dispatcher wakes
 
     # ------------------------------------------------------------------ dicom-node jobs migrate
 
