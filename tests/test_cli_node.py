@@ -52,6 +52,7 @@ def test_send_to_nobody_fails_cleanly(tmp_path: Path) -> None:
     path = write_photos([make_vl_photo(synthetic_rgb(32, 48))], tmp_path)[0]
     done = cli("send", str(path), "--to", f"127.0.0.1:{free_port()}", "--aet", "X")
     assert done.returncode == 1 and "cannot connect" in done.stderr and "Traceback" not in done.stderr
+    assert "connection refused (nothing listens on that port)" in done.stderr, done.stderr
     assert cli("send", str(path), "--to", "nohostport", "--aet", "X").returncode == 2
 
 

@@ -357,6 +357,7 @@ def test_send_command_stores_over_tls_by_destination_name_and_by_address(setup: 
     assert wrong_ca.returncode == 1 and "certificate verify failed" in wrong_ca.stderr, wrong_ca.stderr
     plain = send(refused, "--to", f"127.0.0.1:{setup.pacs.port}", "--aet", setup.pacs.aet)
     assert plain.returncode == 1 and "cannot connect" in plain.stderr, plain.stdout + plain.stderr
+    assert "expects DICOM TLS" in plain.stderr, plain.stderr
     for done in (wrong_ca, plain):
         assert "Traceback" not in done.stderr
     usage = send(refused, "--to", f"127.0.0.1:{setup.pacs.port}", "--aet", setup.pacs.aet,

@@ -161,6 +161,26 @@ def _tls_failure(peer: PeerLike, args: TlsArgs, timeout_s: float) -> str | None:
     return None
 
 
+def _plain_failure(peer: PeerLike, timeout_s: float) -> str:
+    """Why a plain association got no A-ASSOCIATE answer, found by one bare TCP connection.
+
+    pynetdicom reports only that the connection failed; a PACS administrator needs to know which
+    of three things it was: nothing listens there, nothing answers (host down, a firewall that
+    drops), or the port takes the connection and says nothing a DICOM peer would (most often a
+    port that speaks DICOM TLS, which closes a plain connection at the first bytes)."""
+    try:
+        with socket.create_connection((peer.host, int(peer.port)), timeout=min(timeout_s, 3.0)):
+            pass
+    except ConnectionRefusedError:
+        return "connection refused (nothing listens on that port)"
+    except TimeoutError:
+        return f"no answer within {min(timeout_s, 3.0):g} s (the host is down, or a firewall drops the connection)"
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return ("the port takes TCP connections but gave no A-ASSOCIATE answer (a port that expects DICOM TLS "
+            "closes a plain connection)")
+
+
 def _associate(ae: AE, peer: PeerLike, contexts: list[PresentationContext],
                tls: TlsArgs | None = None) -> Association:
     assoc = ae.associate(peer.host, int(peer.port), contexts=contexts, ae_title=peer.ae_title,
@@ -174,7 +194,8 @@ def _associate(ae: AE, peer: PeerLike, contexts: list[PresentationContext],
         if why is not None:
             raise AssociationError(f"cannot connect to {peer.ae_title}@{peer.host}:{peer.port} over TLS: {why}")
     if assoc.acceptor.primitive is None:  # no A-ASSOCIATE response at all: refused, unreachable, timed out
-        raise AssociationError(f"cannot connect to {peer.ae_title}@{peer.host}:{peer.port}")
+        why = _plain_failure(peer, ae.connection_timeout or 30.0) if tls is None else "no A-ASSOCIATE answer"
+        raise AssociationError(f"cannot connect to {peer.ae_title}@{peer.host}:{peer.port}: {why}")
     if assoc.is_aborted:
         # pynetdicom aborts itself when the peer accepted none of the proposed contexts
         classes = sorted({UID(str(cx.abstract_syntax)).name for cx in contexts})
