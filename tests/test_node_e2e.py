@@ -8,15 +8,19 @@ with dciodvfy.
 from __future__ import annotations
 
 import os
+import re
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from dicom_node.encode.validate import run_dciodvfy
 from tests.node_fixtures import (
     PACS_AET,
     SECRET_PATIENT,
+    NodeProcess,
     Orthanc,
     assert_no_patient_data,
     need_tools,
@@ -261,6 +265,15 @@ def test_sigterm_to_the_whole_process_group_is_a_quiet_stop(
     assert errors == []
 
 
+def worker_exits(node: NodeProcess) -> dict[str, float]:
+    """``dicom_node_worker_exits_total`` by reason, scraped from the running node's /metrics."""
+    port = re.search(r"event=http\.listening address=\S+ port=(\d+)", node.log_text())
+    assert port is not None, node.log_text()[-3000:]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/metrics", timeout=10) as response:
+        return {s.labels["reason"]: s.value for family in text_string_to_metric_families(response.read().decode())
+                for s in family.samples if s.name == "dicom_node_worker_exits_total"}
+
+
 def test_a_killed_worker_is_restarted(
     running_orthanc: Orthanc, node_factory, node_port: int, small_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -279,6 +292,7 @@ def test_a_killed_worker_is_restarted(
 
     health = wait_until(restarted, 60, "a new worker")
     assert "event=worker.died" in node.log_text()
+    assert worker_exits(node) == {"died": 1.0, "recycled": 0.0, "no_model": 0.0}
     # deaths_before_not_ready = 1: a dying worker is reported loudly even though a new one runs
     assert not health["ready"] and "workers keep dying" in health["problems"]["workers"]
     assert "ERROR dicom_node.health: event=health.not_ready" in node.log_text()
@@ -364,4 +378,6 @@ def test_a_worker_that_outgrows_its_memory_limit_is_replaced_between_jobs(
     assert "event=worker.died" not in log
     health = wait_until(lambda: (h := node.health()) and h.get("ready") and h, 60, "a ready node with a fresh worker")
     assert all(w["pid"] != first_pid for w in health["workers"].values())
+    # a dashboard tells recycling from dying: /metrics counts each by its reason
+    assert worker_exits(node) == {"recycled": 3.0, "died": 0.0, "no_model": 0.0}
     assert node.stop() == 0

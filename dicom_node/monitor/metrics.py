@@ -41,6 +41,12 @@ SOURCE_DICOM = "dicom"
 SOURCE_API = "api"
 SOURCE_DICOMWEB = "dicomweb"  # a photo stored by STOW-RS (POST /dicom-web/studies)
 
+# Why a worker process ended while the node ran (dicom_node_worker_exits_total{reason}).
+WORKER_DIED = "died"  # crashed or killed: its job went back to the queue, charged as an attempt
+WORKER_RECYCLED = "recycled"  # outgrew [worker] recycle_rss_mib after a photo and was replaced
+WORKER_NO_MODEL = "no_model"  # could not load the model
+WORKER_EXIT_REASONS = (WORKER_DIED, WORKER_RECYCLED, WORKER_NO_MODEL)
+
 # CPU parses of one photo take from a fraction of a second (tiny test model) to minutes (large photo,
 # full model, one busy core).
 PARSE_SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, float("inf"))
@@ -87,6 +93,7 @@ class StageMetrics(Protocol):
     def retention_forgotten(self, jobs: int) -> None: ...
     def retention_error(self) -> None: ...
     def spool_size(self, nbytes: int) -> None: ...
+    def worker_exited(self, reason: str) -> None: ...
 
 
 class NullMetrics:
@@ -117,6 +124,9 @@ class NullMetrics:
         pass
 
     def spool_size(self, nbytes: int) -> None:
+        pass
+
+    def worker_exited(self, reason: str) -> None:
         pass
 
 
@@ -163,7 +173,12 @@ class NodeMetrics:
         self.spool_bytes = Gauge(
             "spool_bytes", "Bytes in the spool (photos and results) at the cleaner's last run",
             namespace=NAMESPACE, registry=r)
+        self.worker_exits = Counter(
+            "worker_exits", "Worker processes that ended while the node ran, by reason (died, recycled, no_model)",
+            ["reason"], namespace=NAMESPACE, registry=r)
         # Known label values start at 0 so a dashboard shows them before the first event.
+        for reason in WORKER_EXIT_REASONS:
+            self.worker_exits.labels(reason)
         for source in (SOURCE_DICOM, SOURCE_API):
             self.instances_received.labels(source)
             self.parse_seconds.labels(source)
@@ -209,6 +224,11 @@ class NodeMetrics:
 
     def spool_size(self, nbytes: int) -> None:
         self.spool_bytes.set(nbytes)
+
+    def worker_exited(self, reason: str) -> None:
+        """A worker process ended while the node was not stopping; ``reason`` is one of
+        :data:`WORKER_EXIT_REASONS`."""
+        self.worker_exits.labels(reason).inc()
 
     def count_open_associations(self, count: Callable[[], int]) -> None:
         """Read the open associations from ``count`` at each scrape (e.g. ``len(ae.active_associations)``)."""

@@ -44,7 +44,7 @@ from multiprocessing.process import BaseProcess
 from dicom_node.logs import fields
 from dicom_node.model.presence import Signature, model_signature, no_model_message
 from dicom_node.monitor.health import Health
-from dicom_node.monitor.metrics import StageMetrics
+from dicom_node.monitor.metrics import WORKER_DIED, WORKER_NO_MODEL, WORKER_RECYCLED, StageMetrics
 from dicom_node.pipeline.lesion import expire_waiting
 from dicom_node.pipeline.worker import (
     EXIT_MODEL_UNAVAILABLE,
@@ -239,6 +239,8 @@ class WorkerPool:
             slot.process = None
             if self._stopping.is_set():
                 return
+            self.metrics.worker_exited({EXIT_MODEL_UNAVAILABLE: WORKER_NO_MODEL, EXIT_RECYCLE: WORKER_RECYCLED}
+                                       .get(code or 0, WORKER_DIED))
             if code == EXIT_MODEL_UNAVAILABLE:
                 slot.next_start = now + self.settings.model_retry_interval_s
                 slot.failed_model = slot.loading
