@@ -82,24 +82,25 @@ def keep_freed_memory(thresholds: Thresholds = PARSING) -> bool:
     return True
 
 
+def _status_kib(field: str) -> int | None:
+    """One ``kB`` field of /proc/self/status (VmRSS, VmHWM); None where /proc cannot tell (not Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def peak_resident_gib() -> float:
     """This process's own peak resident size (VmHWM), GiB. Not getrusage: Linux carries ru_maxrss
     over execve, so a child would report the peak of the parent that started it."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    kib = _status_kib("VmHWM")
+    return (kib if kib is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 2**20
 
 
 def resident_mib() -> float | None:
     """This process's resident size now (VmRSS), MiB; None where /proc cannot tell (not Linux)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    kib = _status_kib("VmRSS")
+    return None if kib is None else kib / 1024
